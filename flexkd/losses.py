@@ -1,0 +1,480 @@
+"""Loss terms for teacher fine-tuning and distillation, and the objective that composes them.
+
+Every term is a small pure function (tested with golden values) wrapped in a registered ``LossTerm`` whose
+name is the one ``params.yaml`` uses (``LOSS_TERMS``). ``build_objective`` composes them per method:
+
+    L = (1 - alpha) * L_task + alpha * tau^2 * KD(tau) + beta * L_feat          (docs/METHOD.md, stage 4)
+
+Shapes: classification logits are (B, C); causal-LM logits are (B, T, V) with labels (B, T) where -100 marks
+tokens that carry no loss (prompt, padding). Hidden states are (B, T, d). Losses are computed in float32
+whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexkd.errors import ConfigError
+
+IGNORE_INDEX = -100
+METHODS = ("ft", "kd", "projector", "cka", "flexkd")
+FLEXKD_KINDS = ("pearson", "barlow", "mse")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def masked_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of ``hidden`` (B, T, d) at the positions where ``mask`` (B, T) is true, as an (N, d) matrix."""
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+        raise ConfigError(
+            f"masked_rows: hidden must be (B, T, d) and mask (B, T); got hidden {tuple(hidden.shape)} "
+            f"and mask {tuple(mask.shape)}"
+        )
+    return hidden[mask.bool()]
+
+
+def task_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of classification logits (B, C) against integer labels (B,)."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ConfigError(
+            f"task_ce: logits must be (B, C) and labels (B,); got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions t whose *next* token is a response token (labels[:, t+1] != -100).
+
+    These are the positions whose logits predict the response: the rows of token-level losses (NLL, KD).
+    """
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over response tokens: logits[:, :-1] predict labels[:, 1:]; -100 is ignored.
+
+    A batch with no response token gives 0 (still connected to the graph), not NaN.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ConfigError(
+            f"response_nll: logits must be (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:].long()
+    if not bool((shifted_labels != IGNORE_INDEX).any()):
+        return shifted_logits.sum() * 0.0
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(p_T^tau || p_S^tau), mean over rows. Not multiplied by tau^2 (the objective does that).
+
+    Rows: the batch for (B, C) logits; for (B, T, V) logits the positions where ``mask`` (B, T) is true
+    (all positions when ``mask`` is None). No row selected gives 0.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(
+            f"forward_kl: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape (teacher and student must share the vocabulary "
+            "or label set)"
+        )
+    if not temperature > 0:
+        raise ConfigError(f"forward_kl: temperature must be > 0, got {temperature}")
+    s = student_logits.float()
+    t = teacher_logits.float()
+    if mask is not None:
+        if s.dim() != 3 or mask.shape != s.shape[:2]:
+            raise ConfigError(
+                f"forward_kl: a mask needs (B, T, V) logits and a (B, T) mask; got logits {tuple(s.shape)} "
+                f"and mask {tuple(mask.shape)}"
+            )
+        s, t = s[mask.bool()], t[mask.bool()]
+    s = s.reshape(-1, s.shape[-1])
+    t = t.reshape(-1, t.shape[-1])
+    if s.shape[0] == 0:
+        return student_logits.float().sum() * 0.0
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+
+
+def _standardise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Columns of x (N, d) to zero mean and unit (biased) variance; eps keeps constant columns finite."""
+    x = x.float()
+    centred = x - x.mean(dim=0, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(dim=0, keepdim=True) + eps)
+
+
+def flexkd_feature_loss(
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    kind: str = "pearson",
+    lambda_off: float = 5e-3,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Flex-KD feature loss between student rows hs (N, d_S) and the selected teacher columns ht (N, d_S).
+
+    Columns are standardised over the N rows; C = hs_hat^T ht_hat / N (d_S x d_S).
+    ``pearson``: mean_i (1 - C_ii); ``barlow``: sum_i (1 - C_ii)^2 + lambda_off * sum_{i != j} C_ij^2;
+    ``mse``: mean squared difference of the standardised columns. Invariant to per-unit scale and shift.
+    """
+    if hs.dim() != 2 or hs.shape != ht.shape:
+        raise ConfigError(
+            f"flexkd_feature_loss: student rows {tuple(hs.shape)} and selected teacher rows {tuple(ht.shape)} "
+            "must both be (N, d_S) with the same shape (one teacher unit per student unit: k = d_S)"
+        )
+    n = hs.shape[0]
+    if n < 2:
+        raise ConfigError(f"flexkd_feature_loss: needs N >= 2 feature positions to standardise, got N={n}")
+    if kind not in FLEXKD_KINDS:
+        raise ConfigError(f"flexkd_feature_loss: unknown kind {kind!r}; valid kinds: {', '.join(FLEXKD_KINDS)}")
+    hs_hat = _standardise(hs, eps)
+    ht_hat = _standardise(ht, eps)
+    if kind == "mse":
+        return (hs_hat - ht_hat).pow(2).mean()
+    c = hs_hat.T @ ht_hat / n
+    diag = torch.diagonal(c)
+    if kind == "pearson":
+        return (1.0 - diag).mean()
+    off_diagonal = c.pow(2).sum() - diag.pow(2).sum()
+    return (1.0 - diag).pow(2).sum() + lambda_off * off_diagonal
+
+
+def cka_loss(hs: torch.Tensor, ht: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """1 - linear CKA between hs (N, d_S) and ht (N, d_T) (columns centred); d_S and d_T may differ.
+
+    CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F). Invariant to isotropic scale and orthogonal transforms.
+    """
+    if hs.dim() != 2 or ht.dim() != 2 or hs.shape[0] != ht.shape[0]:
+        raise ConfigError(
+            f"cka_loss: student rows {tuple(hs.shape)} and teacher rows {tuple(ht.shape)} must be (N, d_S) and "
+            "(N, d_T) with the same N"
+        )
+    x = hs.float() - hs.float().mean(dim=0, keepdim=True)
+    y = ht.float() - ht.float().mean(dim=0, keepdim=True)
+    # Normalise first so the fourth powers below stay in range (CKA is scale invariant).
+    x = x / (x.norm() + eps)
+    y = y / (y.norm() + eps)
+    cross = (y.T @ x).pow(2).sum()
+    self_x = (x.T @ x).norm()
+    self_y = (y.T @ y).norm()
+    return 1.0 - cross / (self_x * self_y + eps)
+
+
+def projector_loss(projector: nn.Linear, hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    """MSE(projector(hs), ht) over all teacher units: hs (N, d_S), ht (N, d_T), projector d_S -> d_T."""
+    if hs.dim() != 2 or ht.dim() != 2 or hs.shape[0] != ht.shape[0]:
+        raise ConfigError(
+            f"projector_loss: student rows {tuple(hs.shape)} and teacher rows {tuple(ht.shape)} must be "
+            "(N, d_S) and (N, d_T) with the same N"
+        )
+    if hs.shape[1] != projector.in_features or ht.shape[1] != projector.out_features:
+        raise ConfigError(
+            f"projector_loss: projector maps {projector.in_features} -> {projector.out_features} units but "
+            f"student rows are {tuple(hs.shape)} and teacher rows {tuple(ht.shape)}"
+        )
+    return F.mse_loss(projector(hs.to(projector.weight.dtype)).float(), ht.float())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registered terms (names as in params.yaml)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LossTerm(nn.Module):
+    """A named loss term. Flags say which teacher outputs it needs. Returns the term unweighted."""
+
+    name: ClassVar[str]
+    needs_teacher_logits: ClassVar[bool] = False
+    needs_teacher_hidden: ClassVar[bool] = False
+
+
+class TaskLoss(LossTerm):
+    """``ce``: cross-entropy on labels (B, C) logits, or next-token NLL on response tokens for (B, T, V)."""
+
+    name = "ce"
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if student_logits.dim() == 3:
+            return response_nll(student_logits, labels)
+        return task_ce(student_logits, labels)
+
+
+class LogitKD(LossTerm):
+    """``kd``: forward KL at temperature tau (Hinton). Token-level over response positions for (B, T, V)."""
+
+    name = "kd"
+    needs_teacher_logits = True
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"kd: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits, teacher_logits, labels) -> torch.Tensor:
+        mask = response_mask(labels) if student_logits.dim() == 3 else None
+        return forward_kl(student_logits, teacher_logits, self.temperature, mask)
+
+
+class FeatureTerm(LossTerm):
+    """A feature term: forward(hs (N, d_S), ht (N, d_T)) -> scalar."""
+
+    needs_teacher_hidden = True
+
+
+class ProjectorLoss(FeatureTerm):
+    """``projector``: learned nn.Linear(d_S, d_T) with bias, MSE over all teacher units; discarded after training."""
+
+    name = "projector"
+
+    def __init__(self, student_hidden: int, teacher_hidden: int):
+        super().__init__()
+        self.projector = nn.Linear(student_hidden, teacher_hidden, bias=True)
+
+    def forward(self, hs, ht) -> torch.Tensor:
+        return projector_loss(self.projector, hs, ht)
+
+
+class CKALoss(FeatureTerm):
+    """``cka``: 1 - linear CKA over all teacher units (parameter-free)."""
+
+    name = "cka"
+
+    def forward(self, hs, ht) -> torch.Tensor:
+        return cka_loss(hs, ht)
+
+
+class FlexKDLoss(FeatureTerm):
+    """``flexkd``: student unit i against teacher unit selected_units[i]; no parameters."""
+
+    name = "flexkd"
+
+    def __init__(self, selected_units: torch.Tensor, kind: str = "pearson", lambda_off: float = 5e-3):
+        super().__init__()
+        if kind not in FLEXKD_KINDS:
+            raise ConfigError(f"flexkd: unknown kind {kind!r}; valid kinds: {', '.join(FLEXKD_KINDS)}")
+        self.kind = kind
+        self.lambda_off = float(lambda_off)
+        # A buffer, not a parameter: moves with .to(device), never trained, not saved in state dicts.
+        self.register_buffer("selected_units", torch.as_tensor(selected_units, dtype=torch.long), persistent=False)
+
+    def forward(self, hs, ht) -> torch.Tensor:
+        return flexkd_feature_loss(hs, ht[:, self.selected_units], kind=self.kind, lambda_off=self.lambda_off)
+
+
+LOSS_TERMS: dict[str, type[LossTerm]] = {
+    term.name: term for term in (TaskLoss, LogitKD, ProjectorLoss, CKALoss, FlexKDLoss)
+}
+
+
+def get_loss_term(name: str) -> type[LossTerm]:
+    """The registered loss-term class called ``name``; ConfigError listing the valid names otherwise."""
+    try:
+        return LOSS_TERMS[name]
+    except KeyError:
+        raise ConfigError(f"unknown loss term {name!r}; valid names: {', '.join(LOSS_TERMS)}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_selected_units(selected_units, student_hidden: int, teacher_hidden: int) -> torch.Tensor:
+    if selected_units is None:
+        raise ConfigError(
+            "method 'flexkd' needs selected_units from the relevance stage (a relevance index with "
+            f"k = d_S = {student_hidden}); none given"
+        )
+    units = torch.as_tensor(selected_units)
+    if units.dim() != 1 or units.is_floating_point() or units.is_complex():
+        raise ConfigError(
+            f"relevance: selected_units must be a 1-D integer tensor, got dtype {units.dtype} shape {tuple(units.shape)}"
+        )
+    units = units.long()
+    if units.numel() != student_hidden:
+        raise ConfigError(
+            f"relevance: the index selects k={units.numel()} teacher units but the student hidden size is "
+            f"d_S={student_hidden}; Flex-KD needs k = d_S (rerun the relevance stage with k={student_hidden})"
+        )
+    if units.numel() and (int(units.min()) < 0 or int(units.max()) >= teacher_hidden):
+        raise ConfigError(
+            f"relevance: selected units must lie in [0, d_T={teacher_hidden}); got min {int(units.min())}, "
+            f"max {int(units.max())} (index built for another teacher?)"
+        )
+    if units.unique().numel() != units.numel():
+        raise ConfigError("relevance: selected_units contains repeated teacher units")
+    return units
+
+
+class DistillObjective(nn.Module):
+    """L = (1 - alpha) * L_task + alpha * tau^2 * KD(tau) + beta * L_feat for one method.
+
+    Holds the registered terms; for ``projector`` it owns the nn.Linear, so pass ``objective.parameters()`` to
+    the optimizer alongside the student's. ``forward`` returns ``(total, terms)``; ``terms`` holds every term
+    unweighted and detached (keys ``task``, ``kd``, ``feature/<name>``, ``total``) for logging.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        task_term: TaskLoss,
+        kd_term: LogitKD | None,
+        feature_term: FeatureTerm | None,
+        *,
+        alpha: float,
+        temperature: float,
+        feature_weight: float,
+        student_hidden: int,
+        teacher_hidden: int,
+    ):
+        super().__init__()
+        self.method = method
+        self.task_term = task_term
+        self.kd_term = kd_term
+        self.feature_term = feature_term
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.feature_weight = float(feature_weight)
+        self.student_hidden = int(student_hidden)
+        self.teacher_hidden = int(teacher_hidden)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_term is not None or self.feature_term is not None
+
+    @property
+    def needs_teacher_hidden(self) -> bool:
+        return self.feature_term is not None
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, alpha={self.alpha}, temperature={self.temperature}, "
+            f"feature_weight={self.feature_weight}"
+        )
+
+    def forward(
+        self,
+        *,
+        student_logits: torch.Tensor,
+        labels: torch.Tensor,
+        student_hidden: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms: dict[str, torch.Tensor] = {}
+        task = self.task_term(student_logits, labels)
+        terms["task"] = task
+        if self.kd_term is None:
+            total = task
+        else:
+            if teacher_logits is None:
+                raise ConfigError(f"method {self.method!r} needs teacher_logits; none given")
+            kd = self.kd_term(student_logits, teacher_logits.detach(), labels)
+            terms["kd"] = kd
+            total = (1.0 - self.alpha) * task + self.alpha * self.temperature**2 * kd
+        if self.feature_term is not None:
+            if student_hidden is None or teacher_hidden is None or feature_mask is None:
+                raise ConfigError(
+                    f"method {self.method!r} needs student_hidden, teacher_hidden and feature_mask; got "
+                    f"student_hidden={'set' if student_hidden is not None else None}, "
+                    f"teacher_hidden={'set' if teacher_hidden is not None else None}, "
+                    f"feature_mask={'set' if feature_mask is not None else None}"
+                )
+            if student_hidden.shape[-1] != self.student_hidden or teacher_hidden.shape[-1] != self.teacher_hidden:
+                raise ConfigError(
+                    f"method {self.method!r} was built for d_S={self.student_hidden}, d_T={self.teacher_hidden} but "
+                    f"got student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                    f"{tuple(teacher_hidden.shape)}"
+                )
+            if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+                raise ConfigError(
+                    f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+                    "must share (B, T)"
+                )
+            hs = masked_rows(student_hidden, feature_mask)
+            ht = masked_rows(teacher_hidden.detach(), feature_mask)
+            feature = self.feature_term(hs, ht)
+            terms[f"feature/{self.feature_term.name}"] = feature
+            total = total + self.feature_weight * feature
+        terms["total"] = total
+        return total, {name: value.detach() for name, value in terms.items()}
+
+
+def build_objective(
+    method: str,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    feature_weight: float = 1.0,
+    flexkd_kind: str = "pearson",
+    barlow_lambda_off: float = 5e-3,
+    student_hidden: int,
+    teacher_hidden: int,
+    selected_units: torch.Tensor | None = None,
+) -> DistillObjective:
+    """The objective of one method (``ft``, ``kd``, ``projector``, ``cka``, ``flexkd``); see docs/METHOD.md.
+
+    ``ft``: task only (alpha ignored, no teacher). ``kd``: task + logit KD. ``projector`` / ``cka`` / ``flexkd``:
+    task + logit KD + ``feature_weight`` * that feature term. ``flexkd`` needs ``selected_units`` (k = d_S
+    teacher unit indices, all < d_T).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown distillation method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if feature_weight < 0:
+        raise ConfigError(f"feature_weight must be >= 0, got {feature_weight}")
+    if student_hidden < 1 or teacher_hidden < 1:
+        raise ConfigError(f"student_hidden and teacher_hidden must be >= 1, got {student_hidden}, {teacher_hidden}")
+    if method == "flexkd" and student_hidden > teacher_hidden:
+        raise ConfigError(
+            f"relevance: Flex-KD selects k = d_S = {student_hidden} teacher units but the teacher has only "
+            f"d_T = {teacher_hidden}"
+        )
+
+    task_term = get_loss_term("ce")()
+    kd_term = None if method == "ft" else get_loss_term("kd")(temperature=temperature)
+    feature_term: FeatureTerm | None = None
+    if method == "projector":
+        feature_term = get_loss_term("projector")(student_hidden, teacher_hidden)
+    elif method == "cka":
+        feature_term = get_loss_term("cka")()
+    elif method == "flexkd":
+        units = _check_selected_units(selected_units, student_hidden, teacher_hidden)
+        feature_term = get_loss_term("flexkd")(units, kind=flexkd_kind, lambda_off=barlow_lambda_off)
+    return DistillObjective(
+        method,
+        task_term,
+        kd_term,
+        feature_term,
+        alpha=0.0 if method == "ft" else alpha,
+        temperature=temperature,
+        feature_weight=feature_weight if feature_term is not None else 0.0,
+        student_hidden=student_hidden,
+        teacher_hidden=teacher_hidden,
+    )

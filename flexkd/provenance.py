@@ -1,0 +1,51 @@
+"""Content hashes that tie artifacts to what they were made from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(paths) -> str:
+    """One hash over several files: their names (not directories) and contents, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def weights_hash(checkpoint_dir: str | Path) -> str:
+    """Hash of a ``save_pretrained`` directory's weights (every ``*.safetensors`` file, sorted by name)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        files = sorted(checkpoint_dir.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir}: no *.safetensors (or *.gguf) weights to hash")
+    return sha256_files(files)
+
+
+def tensor_state_hash(state_dict) -> str:
+    """Hash of an in-memory state dict (names, dtypes, shapes and values), independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,755 @@
+"""MLflow tracking for the pipeline: runs, per-term metrics, datasets, artifacts, models, registry and aliases.
+
+MLflow is the one tracker. Every stage runs in its own process (``python -m flows.<stage>``) and opens one
+run with :func:`stage_run`; all stage runs of one pipeline nest under a shared *pipeline* parent run whose id
+travels between processes in ``FLEXKD_PIPELINE_RUN_ID`` or the file ``<project>/.flexkd/pipeline_run_id``.
+
+Students are logged as MLflow pyfunc models ("models from code": a small generated module that needs only
+mlflow, torch, transformers and pandas, not flexkd) and registered as ``flexkd-<task>`` with the aliases
+``champion`` (best so far) and ``challenger`` (the latest one that did not beat it).
+
+mlflow is imported inside the functions (it takes ~1.5 s), so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from flexkd.errors import FlexKDError
+
+PIPELINE_RUN_ENV = "FLEXKD_PIPELINE_RUN_ID"
+PIPELINE_RUN_FILE = Path(".flexkd") / "pipeline_run_id"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+# MLflow's limits (mlflow.utils.validation); kept here so that this module imports without mlflow.
+_MAX_KEY = 250
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+_MAX_REGISTRY_TAG_VALUE = 5000  # registry allows more; a model card belongs in the description
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+_current_uri: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------- setup
+def tracking_uri(project_root: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project: ``sqlite:///<abs root>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    return f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    if path in ("", ":memory:"):
+        return None
+    # sqlite:////abs/path -> "/abs/path"; sqlite:///rel/path -> "rel/path"
+    return Path(path).resolve()
+
+
+def setup(project_root: str | Path, experiment: str) -> str:
+    """Point MLflow at the project's tracking store and experiment (created if missing); return the URI.
+
+    For a SQLite store, new experiments keep their artifacts next to the database (``<db dir>/mlartifacts``)
+    instead of MLflow's default ``./mlruns`` under whatever directory the process happens to run in.
+    """
+    global _current_uri
+    import mlflow
+
+    uri = tracking_uri(project_root)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    _current_uri = uri
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(experiment) is None:
+        location = None
+        if db is not None:
+            location = (db.parent / "mlartifacts" / sanitize_key(experiment).replace("/", "_")).as_uri()
+        try:
+            client.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            if client.get_experiment_by_name(experiment) is None:  # not a lost race with another process
+                raise
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def check_reachable(timeout_s: float = 10, *, uri: str | None = None) -> None:
+    """Fail fast when an http(s) tracking server does not answer; a no-op for SQLite and file stores.
+
+    Tries ``GET <uri>/health`` first; if the server answers but has no such route (a proxy, a path prefix),
+    falls back to one ``search_experiments`` call with retries off and a short timeout.
+    """
+    import urllib.error
+    import urllib.request
+
+    if uri is None:
+        if _current_uri is not None:
+            uri = _current_uri
+        else:
+            import mlflow
+
+            uri = mlflow.get_tracking_uri()
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+    except urllib.error.HTTPError:
+        pass  # it answered: check with a real API call below
+    except (urllib.error.URLError, OSError) as exc:
+        raise FlexKDError(f"MLflow tracking server at {uri} is unreachable: {exc}") from exc
+
+    import mlflow
+
+    overrides = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(math.ceil(timeout_s)))),
+    }
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        raise FlexKDError(f"MLflow tracking server at {uri} is unreachable: {exc}") from exc
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------------------ pipeline run
+def _run_file(project_root: str | Path) -> Path:
+    return Path(project_root) / PIPELINE_RUN_FILE
+
+
+def _write_run_file(project_root: str | Path, run_id: str) -> None:
+    path = _run_file(project_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+
+
+def _usable_parent(client, run_id: str, experiment_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id
+
+
+def _create_pipeline_run(project_root: str | Path, experiment: str, run_name: str) -> str:
+    import mlflow
+
+    setup(project_root, experiment)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    tags = {"flexkd.kind": "pipeline", **_git_tags(project_root)}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    _write_run_file(project_root, run.info.run_id)
+    return run.info.run_id
+
+
+def pipeline_run_id(project_root: str | Path, experiment: str, *, create: bool = True) -> str | None:
+    """Id of the pipeline parent run that the stage runs nest under.
+
+    ``FLEXKD_PIPELINE_RUN_ID`` if set; else the id in ``<project_root>/.flexkd/pipeline_run_id`` if that run
+    exists (not deleted) in this tracking store and experiment; else a new run named ``pipeline`` (tag
+    ``flexkd.kind=pipeline``) whose id is written to that file. With ``create=False``, None instead.
+    """
+    env = os.environ.get(PIPELINE_RUN_ENV, "").strip()
+    if env:
+        return env
+    import mlflow
+
+    setup(project_root, experiment)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    path = _run_file(project_root)
+    if path.is_file():
+        stored = path.read_text().strip()
+        if stored and _usable_parent(client, stored, experiment_id):
+            return stored
+    if not create:
+        return None
+    return _create_pipeline_run(project_root, experiment, "pipeline")
+
+
+def start_pipeline_run(project_root: str | Path, experiment: str, run_name: str = "pipeline") -> str:
+    """Always create a fresh pipeline parent run and record it in ``.flexkd/pipeline_run_id``."""
+    return _create_pipeline_run(project_root, experiment, run_name)
+
+
+def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark the pipeline parent run as ended (FINISHED, FAILED or KILLED)."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def sanitize_key(key: str) -> str:
+    """A metric / param key MLflow accepts: bad characters become ``_``, no ``..``, ``//`` or leading ``/``."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    parts = [part for part in key.split("/") if part not in ("", ".", "..")]
+    key = "/".join(parts) or "_"
+    if posixpath.normpath(key) != key:  # e.g. "a/./b" forms survived; make it plain
+        key = key.replace(".", "_")
+    return key[:_MAX_KEY]
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; values as strings truncated to MLflow's param limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name))
+        else:
+            flat[sanitize_key(name)] = _truncate(str(value), _MAX_PARAM_VALUE)
+    return flat
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _git_tags(project_root: str | Path) -> dict[str, str]:
+    """Commit and dirty flag of the project's git checkout; empty when not a repo or no commit yet."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=project_root, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    tags = {"mlflow.source.git.commit": commit, "flexkd.git_commit": commit}
+    if status is not None:
+        tags["flexkd.git_dirty"] = str(bool(status)).lower()
+    return tags
+
+
+def _active_run_id(run_id: str | None = None) -> str:
+    if run_id:
+        return run_id
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise FlexKDError("no active MLflow run: call this inside flexkd.tracking.stage_run(...)")
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------- stage run
+@contextmanager
+def stage_run(
+    stage: str,
+    *,
+    project_root: str | Path,
+    experiment: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    method: str | None = None,
+) -> Iterator[Any]:
+    """Open the stage's MLflow run, nested under the pipeline parent; yield the active run.
+
+    Tags ``flexkd.stage`` (and ``flexkd.method`` when ``method`` or ``tags["method"]`` is given), logs
+    ``params`` flattened to ``a.b.c`` keys, the git commit and ``dvc.lock`` (under ``provenance/``). On an
+    exception the run ends FAILED (KILLED on Ctrl-C) and the exception propagates.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    setup(project_root, experiment)
+    parent = pipeline_run_id(project_root, experiment)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != parent:
+        raise FlexKDError(
+            f"stage {stage!r}: another MLflow run ({active.info.run_id}) is active; end it before stage_run"
+        )
+    all_tags: dict[str, str] = {"flexkd.stage": stage, **_git_tags(project_root)}
+    extra = dict(tags or {})
+    method = method if method is not None else extra.pop("method", None)
+    if method is not None:
+        all_tags["flexkd.method"] = str(method)
+    all_tags.update({str(k): _truncate(str(v), _MAX_TAG_VALUE) for k, v in extra.items()})
+
+    run = mlflow.start_run(
+        run_name=run_name or (f"{stage}-{method}" if method else stage),
+        nested=True,
+        parent_run_id=parent if active is None else None,
+        tags=all_tags,
+    )
+    run_id = run.info.run_id
+    status = "FINISHED"
+    try:
+        client = mlflow.MlflowClient()
+        flat = list(flatten_params(params or {}).items())
+        for start in range(0, len(flat), _MAX_PARAMS_PER_BATCH):
+            chunk = flat[start : start + _MAX_PARAMS_PER_BATCH]
+            client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
+        lock = Path(project_root) / "dvc.lock"
+        if lock.is_file():
+            client.log_artifact(run_id, str(lock), artifact_path="provenance")
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+            mlflow.end_run(status=status)
+        else:  # someone ended or replaced the active run inside the block; still close ours
+            mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+# ------------------------------------------------------------------------------------ metrics & artifacts
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
+    """Log each metric under its own key (sanitised: ``train/feature/flexkd`` stays as it is) in one batch."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_id = _active_run_id(run_id)
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(sanitize_key(k), float(v), timestamp, int(step or 0)) for k, v in metrics.items()]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
+
+
+def log_metrics_to_run(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """:func:`log_metrics` into another (possibly finished) run, e.g. test scores into a distill run."""
+    log_metrics(metrics, step, run_id=run_id)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None, *, run_id: str | None = None) -> None:
+    """Log a file (or a directory's files) to the active run."""
+    import mlflow
+
+    run_id = _active_run_id(run_id)
+    path = Path(path)
+    client = mlflow.MlflowClient()
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_dataset(path_or_df, *, name: str, context: str, targets: str | None = "label"):
+    """Record a dataset as an input of the active run (``context``: training / validation / test).
+
+    Accepts a JSONL path (read with pandas; the path becomes the dataset source) or a DataFrame.
+    Columns holding lists or dicts are stringified for the schema and digest.
+    """
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    _active_run_id()
+    source = None
+    if isinstance(path_or_df, pd.DataFrame):
+        df = path_or_df
+    else:
+        path = Path(path_or_df)
+        if not path.is_file():
+            raise FlexKDError(f"{path}: dataset file not found")
+        df = pd.read_json(path, lines=path.suffix.lower() in (".jsonl", ".ndjson"))
+        source = str(path.resolve())
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict, tuple))).any()]
+    if nested:
+        df = df.assign(**{c: df[c].map(str) for c in nested})
+    with warnings.catch_warnings():
+        # a local path resolves to two equivalent LocalArtifactDatasetSource entries; MLflow warns about it
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(
+            df, source=source, targets=targets if targets in df.columns else None, name=name
+        )
+        mlflow.log_input(dataset, context=context)
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------- models
+# The pyfunc model lives in this source text: it is written to a file and logged as "model from code", so a
+# model loads with mlflow + torch + transformers + pandas alone (no flexkd on the serving side).
+_MODEL_SOURCE = '''
+"""Text classifier served by MLflow pyfunc: a save_pretrained checkpoint -> label names and probabilities."""
+
+import mlflow
+import pandas as pd
+
+
+class TextClassifierModel(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with "text" (and optionally "text_pair"). Output: "label" (name) and "score"."""
+
+    batch_size = 32
+
+    def load_context(self, context):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        checkpoint = context.artifacts["checkpoint"]
+        config = dict(context.model_config or {})
+        self.max_length = int(config.get("max_length", 512))
+        label_map = config.get("label_map") or {}
+        self.id2label = {int(i): str(name) for name, i in label_map.items()}
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModelForSequenceClassification.from_pretrained(checkpoint).to(self.device).eval()
+        if not self.id2label:
+            self.id2label = {int(i): str(n) for i, n in self.model.config.id2label.items()}
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            frame = model_input
+        elif isinstance(model_input, dict):
+            frame = pd.DataFrame(model_input)
+        else:
+            frame = pd.DataFrame({"text": list(model_input)})
+        texts = [str(t) for t in frame["text"].tolist()]
+        pairs = None
+        if "text_pair" in frame.columns:
+            pairs = [None if v is None or v != v else str(v) for v in frame["text_pair"].tolist()]
+            if all(p is None for p in pairs):
+                pairs = None
+        labels, scores = [], []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start : start + self.batch_size]
+            pair_batch = pairs[start : start + self.batch_size] if pairs is not None else None
+            encoded = self.tokenizer(
+                batch, pair_batch, truncation=True, max_length=self.max_length, padding=True,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.no_grad():
+                probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1)
+            best, index = probs.max(dim=-1)
+            labels += [self.id2label.get(int(i), str(int(i))) for i in index.tolist()]
+            scores += [float(p) for p in best.tolist()]
+        return pd.DataFrame({"label": labels, "score": scores})
+'''
+
+
+def __getattr__(name: str):
+    # ``flexkd.tracking.TextClassifierModel`` for direct use (tests, notebooks) without importing mlflow
+    # when this module is imported.
+    if name == "TextClassifierModel":
+        namespace: dict[str, Any] = {"__name__": "flexkd_text_classifier"}
+        exec(compile(_MODEL_SOURCE, "flexkd_text_classifier.py", "exec"), namespace)  # noqa: S102
+        globals()[name] = namespace[name]
+        return namespace[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _pinned(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{distribution}=={version(distribution).split('+')[0]}"
+    except PackageNotFoundError:
+        return distribution
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements of the served model (the versions installed here; local tags like +cpu cut)."""
+    return [
+        _pinned(d)
+        for d in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
+    ]
+
+
+def log_classifier_model(
+    checkpoint_dir: str | Path,
+    *,
+    artifact_path: str = "model",
+    label_map: Mapping[str, int],
+    max_length: int,
+    input_example_texts: list[str],
+    text_pair: bool = False,
+) -> str:
+    """Log a ``save_pretrained`` classifier (model + tokenizer) as an MLflow pyfunc model; return its URI.
+
+    The URI is the LoggedModel's ``models:/m-...`` URI, which ``mlflow.register_model`` and
+    ``mlflow.pyfunc.load_model`` accept. ``artifact_path`` is the model's name within the run.
+    """
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    run_id = _active_run_id()
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FlexKDError(f"{checkpoint_dir}: not a save_pretrained checkpoint (no config.json)")
+    inputs = [ColSpec("string", "text")]
+    if text_pair:
+        inputs.append(ColSpec("string", "text_pair", required=False))
+    signature = ModelSignature(
+        inputs=Schema(inputs), outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+    )
+    example = pd.DataFrame({"text": list(input_example_texts)})
+    with tempfile.TemporaryDirectory() as tmp:
+        # The checkpoint is logged under the fixed name "checkpoint" (the model card's load path relies on it);
+        # hard links where possible, so no weights are copied twice.
+        staged = Path(tmp) / "checkpoint"
+        shutil.copytree(checkpoint_dir, staged, copy_function=_link_or_copy)
+        code = Path(tmp) / "flexkd_text_classifier.py"
+        code.write_text(_MODEL_SOURCE + "\nmlflow.models.set_model(TextClassifierModel())\n")
+        info = mlflow.pyfunc.log_model(
+            name=artifact_path,
+            python_model=str(code),
+            artifacts={"checkpoint": str(staged)},
+            model_config={"label_map": {str(k): int(v) for k, v in label_map.items()},
+                          "max_length": int(max_length)},
+            pip_requirements=model_requirements(),
+            signature=signature,
+            input_example=example,
+        )
+    if info.run_id and info.run_id != run_id:  # pragma: no cover - defensive
+        raise FlexKDError(f"model logged to run {info.run_id}, expected {run_id}")
+    return info.model_uri
+
+
+# --------------------------------------------------------------------------------------------- registry
+def registered_name(task: str) -> str:
+    return f"flexkd-{task}"
+
+
+def register_student(
+    task: str,
+    *,
+    model_uri: str,
+    run_id: str,
+    metric_name: str,
+    metric_value: float,
+    model_card_md: str,
+    tags: Mapping[str, Any] | None = None,
+    higher_is_better: bool = True,
+) -> dict:
+    """Register a student as a new version of ``flexkd-<task>`` and move the aliases.
+
+    The version gets tags (metric_name, metric_value, run_id, and ``tags``), the model card as its
+    description and as ``model_card.md`` in the run. It takes ``champion`` when there is none or it is
+    strictly better than the champion's ``metric_value`` tag; otherwise it becomes ``challenger``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = registered_name(task)
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name, description=f"Flex-KD students for the task {task!r}.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+    version_tags = {
+        "metric_name": metric_name,
+        "metric_value": repr(float(metric_value)),
+        "higher_is_better": str(bool(higher_is_better)).lower(),
+        "run_id": run_id,
+        "task": task,
+    }
+    version_tags.update({str(k): _truncate(str(v), _MAX_REGISTRY_TAG_VALUE) for k, v in (tags or {}).items()})
+    client.log_text(run_id, model_card_md, "model_card.md")
+    mv = mlflow.register_model(model_uri, name, tags=version_tags)
+    version = str(mv.version)
+    client.update_model_version(name, version, description=model_card_md)
+
+    previous_version, previous_metric = None, None
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None:
+        previous_version = str(champion.version)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            previous_metric = float(champion.tags["metric_value"])
+    value = float(metric_value)
+    if previous_metric is None or math.isnan(previous_metric):
+        better = champion is None or previous_metric is None
+    else:
+        better = value > previous_metric if higher_is_better else value < previous_metric
+    alias = CHAMPION if better else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "previous_champion": previous_version,
+        "previous_metric": previous_metric,
+    }
+
+
+# ------------------------------------------------------------------------------------------- model card
+def _compact_ranges(units: list[int], limit: int = 40) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2, 5, 7-8``; at most ``limit`` ranges shown."""
+    values = sorted(set(int(u) for u in units))
+    ranges: list[str] = []
+    start = prev = None
+    for value in values + [None]:
+        if start is None:
+            start = prev = value
+        elif value is not None and value == prev + 1:
+            prev = value
+        else:
+            ranges.append(str(start) if start == prev else f"{start}-{prev}")
+            start = prev = value
+    shown = ", ".join(ranges[:limit])
+    if len(ranges) > limit:
+        shown += f", ... ({len(ranges) - limit} more ranges)"
+    return shown
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _kv_lines(items: Mapping[str, Any], first: list[tuple[str, str]]) -> list[str]:
+    """Bullet lines: the known keys in ``first`` (with labels) then any others, skipping missing ones."""
+    lines, seen = [], set()
+    for key, label in first:
+        if key in items and items[key] is not None:
+            lines.append(f"- **{label}**: {_fmt(items[key])}")
+            seen.add(key)
+    for key, value in items.items():
+        if key not in seen and value is not None:
+            lines.append(f"- **{key}**: {_fmt(value)}")
+    return lines
+
+
+def model_card(
+    *,
+    task: str,
+    teacher: Mapping[str, Any],
+    student: Mapping[str, Any],
+    data: Mapping[str, Any],
+    method: str,
+    metrics: Mapping[str, Any],
+    selected_units: list[int] | None,
+    relevance: Mapping[str, Any] | None,
+    loss_weights: Mapping[str, float] | None = None,
+) -> str:
+    """Markdown model card of a registered student.
+
+    The dicts are rendered as bullet lists: known keys first with readable labels (teacher: id/spec,
+    hash/weights_hash, parameters, metric, score, test; student: architecture, parameters, hidden_size,
+    num_layers, num_heads, weights_hash; data: files/prepared/sources, rows, fingerprint; relevance: path,
+    hash), then any other keys as they are; nested dicts render as ``k=v, ...``. ``loss_weights`` (or ``student["loss_weights"]``)
+    goes under Method.
+    """
+    student = dict(student)
+    loss_weights = loss_weights if loss_weights is not None else student.pop("loss_weights", None)
+    student.pop("loss_weights", None)
+    name = registered_name(task)
+    lines = [
+        f"# {name}: Flex-KD student for `{task}`",
+        "",
+        "## Intended use",
+        f"Text classification for the task `{task}`: a small student distilled from a fine-tuned teacher with "
+        f"the `{method}` method. Use it where the teacher is too large or slow; check the metrics below on "
+        "data like yours first. Not evaluated outside the data described here.",
+        "",
+        "## Teacher",
+        *_kv_lines(teacher, [("id", "Model"), ("spec", "Model"), ("hash", "Weights hash"),
+                             ("weights_hash", "Weights hash"), ("parameters", "Parameters"),
+                             ("num_parameters", "Parameters"), ("metric", "Metric"), ("score", "Score"),
+                             ("test", "Test scores")]),
+        "",
+        "## Student",
+        *_kv_lines(student, [("architecture", "Architecture"), ("num_parameters", "Parameters"),
+                             ("parameters", "Parameters"), ("hidden_size", "Hidden size"),
+                             ("num_layers", "Layers"), ("num_heads", "Attention heads"),
+                             ("weights_hash", "Weights hash")]),
+        "",
+        "## Data",
+        *_kv_lines(data, [("files", "Files"), ("prepared", "Prepared data"), ("sources", "Sources"),
+                          ("rows", "Rows"), ("fingerprint", "Fingerprint")]),
+        "",
+        "## Method",
+        f"- **Method**: `{method}`",
+    ]
+    if loss_weights:
+        lines.append(f"- **Loss weights**: {_fmt(loss_weights)}")
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    lines += ["", "## Selected teacher units"]
+    if selected_units:
+        lines.append(f"- **Count**: {len(selected_units)}")
+        lines.append(f"- **Units**: {_compact_ranges(list(selected_units))}")
+    else:
+        lines.append("- none (this method does not select teacher units)")
+    if relevance:
+        lines += _kv_lines(relevance, [("path", "Relevance index"), ("hash", "Index hash")])
+    lines += [
+        "",
+        "## How to load",
+        "```python",
+        "import mlflow.pyfunc, pandas as pd",
+        f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
+        'model.predict(pd.DataFrame({"text": ["an example"]}))  # -> columns label, score',
+        "```",
+        "Or plain transformers, from the model's `checkpoint` artifact:",
+        "```python",
+        "import mlflow",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f'path = mlflow.artifacts.download_artifacts("models:/{name}@champion") + "/artifacts/checkpoint"',
+        "model = AutoModelForSequenceClassification.from_pretrained(path)",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

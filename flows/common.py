@@ -1,0 +1,120 @@
+"""What every stage flow shares: where the project is, the params, the paths of each stage's outputs.
+
+Paths live here and nowhere else; dvc.yaml names the same paths (a test checks that they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from flexkd.config import FlexKDConfig, load_config  # noqa: E402
+
+
+def project_root() -> Path:
+    """The project directory: $FLEXKD_PROJECT_ROOT, else the current directory (dvc runs stages from the root)."""
+    return Path(os.environ.get("FLEXKD_PROJECT_ROOT", os.getcwd())).resolve()
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    task: str
+    runs_dir: str
+    work_dir: str
+
+    @property
+    def validated(self) -> Path:
+        return self.root / "data" / "validated" / self.task
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared" / self.task
+
+    @property
+    def relevance(self) -> Path:
+        return self.root / "data" / "relevance" / self.task
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / self.runs_dir / "teacher" / self.task
+
+    def student(self, method: str) -> Path:
+        return self.root / self.runs_dir / "students" / self.task / method
+
+    def distill_metrics(self, method: str) -> Path:
+        return self.root / "metrics" / "distill" / f"{method}.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "metrics" / "evaluation.json"
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "reports" / "comparison.md"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "reports" / "registry.json"
+
+    def scratch(self, stage: str, fingerprint: str) -> Path:
+        """Resumable checkpoints of one stage for one set of inputs (not a DVC output: survives a failed stage)."""
+        return self.root / self.work_dir / f"{stage}-{fingerprint[:16]}"
+
+
+def paths_for(cfg: FlexKDConfig, root: Path | None = None) -> Paths:
+    return Paths(root or project_root(), cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+
+
+def load_params(params: str | None = None) -> FlexKDConfig:
+    return load_config(Path(params) if params else project_root() / "params.yaml")
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of JSON-able parts (configs as dicts, file hashes, names)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def cli(description: str, method: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml in the project root)")
+    if method:
+        parser.add_argument("--method", required=True, help="distillation method: ft, kd, projector, cka or flexkd")
+    return parser.parse_args()
+
+
+def run_cli(flow_fn, description: str, method: bool = False) -> None:
+    """Entry point of ``python -m flows.<stage>``: a clear one-line error, exit status 1, on expected failures."""
+    import sys
+
+    from flexkd.errors import FlexKDError
+
+    args = cli(description, method)
+    kwargs = {"params": args.params}
+    if method:
+        kwargs["method"] = args.method
+    try:
+        flow_fn(**kwargs)
+    except FlexKDError as err:
+        print(f"\nflexkd: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)

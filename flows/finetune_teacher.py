@@ -1,0 +1,63 @@
+"""Stage 3: fine-tune the teacher on the task; keep the checkpoint that scores best on the validation split.
+
+Writes runs/teacher/<task>/ (a save_pretrained directory plus flexkd_teacher.json: the spec it came from, its
+weights hash, validation scores). With teacher.finetune.enabled false, the teacher is saved as given.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import fingerprint, load_params, paths_for, run_cli, write_json
+
+
+@flow(name="flexkd-finetune-teacher", log_prints=True)
+def finetune_teacher_flow(params: str | None = None) -> dict:
+    from flexkd import tracking
+    from flexkd.data.prepare import load_label_map, split_fingerprint
+    from flexkd.data.task import tokenized_split
+    from flexkd.data.tokenize import PadCollator
+    from flexkd.evaluate import evaluate_classifier
+    from flexkd.models import count_parameters, load_classifier, load_tokenizer, save_checkpoint
+    from flexkd.provenance import weights_hash
+    from flexkd.train import classification_loss, set_threads, train_loop
+
+    cfg = load_params(params)
+    paths = paths_for(cfg)
+    set_threads()
+    tracking.setup(paths.root, cfg.project.experiment)
+    tracking.check_reachable()
+    teacher_cfg = cfg.teacher
+    with tracking.stage_run("finetune_teacher", project_root=paths.root, experiment=cfg.project.experiment,
+                            params={"teacher": teacher_cfg.model_dump(), "seed": cfg.project.seed}):
+        label_map = load_label_map(paths.prepared)
+        data_fp = split_fingerprint(paths.prepared)
+        tokenizer = load_tokenizer(teacher_cfg.model, trust_remote_code=teacher_cfg.trust_remote_code)
+        model = load_classifier(teacher_cfg.model, label_map=label_map, trust_remote_code=teacher_cfg.trust_remote_code, seed=cfg.project.seed)
+        collate = PadCollator(tokenizer.pad_token_id)
+        validation = tokenized_split(paths.prepared, "validation", tokenizer, teacher_cfg.max_length)
+        metric = cfg.evaluate.primary_metric
+        summary = {"spec": teacher_cfg.model, "parameters": count_parameters(model), "data_fingerprint": data_fp,
+                   "finetuned": teacher_cfg.finetune.enabled, "primary_metric": metric}
+        if teacher_cfg.finetune.enabled:
+            train = tokenized_split(paths.prepared, "train", tokenizer, teacher_cfg.max_length)
+            run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.project.seed, data_fp)
+            result = train_loop(
+                model=model, loss_fn=classification_loss(model), train_data=train, collate=collate,
+                settings=teacher_cfg.finetune, seed=cfg.project.seed, work_dir=paths.scratch("teacher", run_fp),
+                fingerprint=run_fp, evaluate=lambda m: evaluate_classifier(m, validation, collate, cfg.evaluate.batch_size),
+                select_metric=metric, log=tracking.log_metrics, desc="teacher",
+            )
+            summary.update(best_step=result.state.best_step, steps=result.total_steps,
+                           train_seconds=round(result.state.train_seconds, 2), resumed_from=result.resumed_from)
+        scores = evaluate_classifier(model, validation, collate, cfg.evaluate.batch_size)
+        tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
+        save_checkpoint(model, tokenizer, paths.teacher)
+        summary.update(validation=scores, weights_hash=weights_hash(paths.teacher))
+        write_json(paths.teacher / "flexkd_teacher.json", summary)
+        print(f"teacher validation {metric}: {scores[metric]:.4f}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(finetune_teacher_flow, "Fine-tune the teacher on the task.")

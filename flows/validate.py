@@ -1,0 +1,43 @@
+"""Stage 1: validate the raw data with its Great Expectations suite; stop the pipeline on failure.
+
+Writes data/validated/<task>/ (validation_report.json/.md and sources.json: file hashes and rows). The report
+is written and logged to MLflow whether the data passes or not; on failure the stage exits non-zero, so DVC
+stops before any training.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import load_params, paths_for, run_cli, write_json
+
+
+@flow(name="flexkd-validate", log_prints=True)
+def validate_flow(params: str | None = None) -> dict:
+    from flexkd import tracking
+    from flexkd.data.task import describe_sources, load_raw_splits, validation_settings
+    from flexkd.data.validation import raise_for_failures, validate_classification
+
+    cfg = load_params(params)
+    paths = paths_for(cfg)
+    tracking.setup(paths.root, cfg.project.experiment)
+    tracking.check_reachable()
+    with tracking.stage_run(
+        "validate", project_root=paths.root, experiment=cfg.project.experiment,
+        params={"data": cfg.data.model_dump(), "validation": cfg.validation.model_dump()},
+    ):
+        splits = load_raw_splits(cfg.data)
+        report = validate_classification(splits, validation_settings(cfg.data, cfg.validation))
+        json_path, md_path = report.save(paths.validated)
+        sources = describe_sources(cfg.data, splits)
+        write_json(paths.validated / "sources.json", sources)
+        for path in (json_path, md_path, paths.validated / "sources.json"):
+            tracking.log_artifact(path, "validation")
+        tracking.log_metrics({"validation/success": float(report.success), "validation/failures": float(len(report.failures))})
+        print(f"validation {'passed' if report.success else 'FAILED'}: report at {md_path}")
+        raise_for_failures(report)
+    return sources
+
+
+if __name__ == "__main__":
+    run_cli(validate_flow, "Validate the raw data of the task (Great Expectations).")

@@ -1,0 +1,166 @@
+"""Preparing train / validation / test: determinism, dedupe, no leakage into validation, stratification, ids."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flexkd.data import (
+    ColumnMap,
+    build_label_map,
+    load_label_map,
+    load_split,
+    load_table,
+    prepare_classification,
+    split_fingerprint,
+)
+from flexkd.errors import ConfigError, DataError
+from flexkd.provenance import sha256_file
+
+FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "label_map.json", "manifest.json")
+
+
+def _table(texts, labels, file="raw.tsv", pairs=None) -> pd.DataFrame:
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    if pairs is not None:
+        frame["text_pair"] = pairs
+    frame["source_file"] = file
+    frame["source_row"] = range(2, len(frame) + 2)
+    return frame
+
+
+@pytest.fixture
+def imbalanced(tmp_path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # 300 "pos", 100 "neg" (string labels), plus 20 exact duplicates of earlier rows.
+    texts = [f"sentence number {i}" for i in range(400)]
+    labels = ["pos" if i % 4 else "neg" for i in range(400)]
+    texts += texts[:20]
+    labels += labels[:20]
+    train = _table(texts, labels, file=str(tmp_path / "train.tsv"))
+    test = _table([f"test sentence {i}" for i in range(80)], ["pos" if i % 2 else "neg" for i in range(80)])
+    return train, test
+
+
+def _prepare(train, test, out, **overrides):
+    kwargs = dict(
+        label_map=build_label_map(train["label"]), validation_size=0.25, max_train=None, max_test=None, seed=13
+    )
+    kwargs.update(overrides)
+    return prepare_classification(train, test, out, **kwargs)
+
+
+def test_same_inputs_and_seed_give_byte_identical_files(tmp_path, imbalanced):
+    train, test = imbalanced
+    _prepare(train, test, tmp_path / "a", max_train=200, max_test=50)
+    _prepare(train, test, tmp_path / "b", max_train=200, max_test=50)
+    for name in FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _prepare(train, test, tmp_path / "c", seed=14, max_train=200, max_test=50)
+    assert (tmp_path / "a" / "validation.jsonl").read_bytes() != (tmp_path / "c" / "validation.jsonl").read_bytes()
+    assert split_fingerprint(tmp_path / "a") == split_fingerprint(tmp_path / "b") != split_fingerprint(tmp_path / "c")
+
+
+def test_dedupe_no_overlap_and_stratified_validation(tmp_path, imbalanced):
+    train, test = imbalanced
+    manifest = _prepare(train, test, tmp_path)
+    rows = {split: load_split(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    assert manifest["dropped_duplicate_train_rows"] == 20
+    assert manifest["rows"] == {"train": 300, "validation": 100, "test": 80}
+    train_texts = [r["text"] for r in rows["train"]]
+    assert len(train_texts) == len(set(train_texts))
+    assert not set(train_texts) & {r["text"] for r in rows["validation"]}
+    label_map = load_label_map(tmp_path)
+    assert label_map == {"neg": 0, "pos": 1}
+    # 25% neg in the raw data: exactly 25 of 100 validation rows with largest-remainder allocation.
+    assert Counter(r["label"] for r in rows["validation"]) == {1: 75, 0: 25}
+    assert manifest["label_distribution"]["validation"] == {"neg": 25, "pos": 75}
+    assert manifest["label_distribution"]["train"] == {"neg": 75, "pos": 225}
+
+
+def test_records_map_labels_to_ids_and_keep_source_rows(tmp_path, imbalanced):
+    train, test = imbalanced
+    _prepare(train, test, tmp_path, validation_size=40)
+    first = train.drop_duplicates("text", keep="first")  # duplicates keep their first occurrence
+    by_text = dict(zip(first["text"], zip(first["label"], first["source_row"])))
+    for record in load_split(tmp_path / "train.jsonl"):
+        raw_label, raw_row = by_text[record["text"]]
+        assert record["label"] == {"neg": 0, "pos": 1}[raw_label]
+        assert record["source_row"] == raw_row
+        assert set(record) == {"text", "label", "source_row"}
+    label_file = json.loads((tmp_path / "label_map.json").read_text())
+    assert label_file == {"label_to_id": {"neg": 0, "pos": 1}, "id_to_label": {"0": "neg", "1": "pos"}}
+
+
+def test_subsampling_is_stratified(tmp_path, imbalanced):
+    train, test = imbalanced
+    manifest = _prepare(train, test, tmp_path, validation_size=100, max_train=100, max_test=20)
+    assert manifest["rows"] == {"train": 100, "validation": 100, "test": 20}
+    assert manifest["label_distribution"]["train"] == {"neg": 25, "pos": 75}
+    assert manifest["label_distribution"]["test"] == {"neg": 10, "pos": 10}
+
+
+def test_manifest_hashes_and_sources(tmp_path, imbalanced):
+    train, test = imbalanced
+    manifest = _prepare(train, test, tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk == manifest
+    for split in ("train", "validation", "test"):
+        assert manifest["sha256"][split] == sha256_file(tmp_path / "out" / f"{split}.jsonl")
+    assert manifest["seed"] == 13 and manifest["fingerprint"] == split_fingerprint(tmp_path / "out")
+    assert manifest["sources"]["train"] == [{"path": str(tmp_path / "train.tsv")}]  # not a real file: no hash
+
+
+def test_sentence_pairs_keep_text_pair_and_dedupe_on_both(tmp_path):
+    train = _table(
+        ["p1", "p1", "p1", "p2", "p3", "p4"],
+        [0, 1, 1, 2, 0, 1],
+        pairs=["h1", "h2", "h2", "h1", "h3", "h4"],  # row 3 duplicates row 2; rows 1/2 share the premise only
+    )
+    test = _table(["t1", "t2"], [0, 2], pairs=["u1", "u2"])
+    manifest = _prepare(train, test, tmp_path, label_map={"0": 0, "1": 1, "2": 2}, validation_size=0)
+    assert manifest["dropped_duplicate_train_rows"] == 1
+    records = load_split(tmp_path / "train.jsonl")
+    assert [(r["text"], r["text_pair"], r["label"]) for r in records] == [
+        ("p1", "h1", 0), ("p1", "h2", 1), ("p2", "h1", 2), ("p3", "h3", 0), ("p4", "h4", 1)
+    ]
+
+
+def test_unknown_label_and_bad_sizes(tmp_path, imbalanced):
+    train, test = imbalanced
+    with pytest.raises(DataError, match=r"label 'neg'.*not in the label map"):
+        _prepare(train, test, tmp_path / "x", label_map={"pos": 0, "other": 1})
+    with pytest.raises(ConfigError, match="validation_size"):
+        _prepare(train, test, tmp_path / "y", validation_size=400)
+    with pytest.raises(ConfigError, match="validation_size"):
+        _prepare(train, test, tmp_path / "z", validation_size=1.5)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="train.jsonl: prepared split not found"):
+        load_split(tmp_path / "train.jsonl")
+    with pytest.raises(DataError, match="label_map.json: label map not found"):
+        load_label_map(tmp_path)
+    with pytest.raises(DataError, match="missing"):
+        split_fingerprint(tmp_path)
+
+
+def test_real_sst2_sample(tmp_path):
+    import os
+
+    configured = os.environ.get("FLEXKD_DATA_DIR")
+    data_dir = Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "datasets"
+    if not data_dir.is_dir():
+        pytest.skip("real datasets not found (set FLEXKD_DATA_DIR)")
+    columns = ColumnMap("sentence", "label")
+    train = load_table(data_dir / "glue" / "SST-2" / "train.tsv", columns=columns).head(600)
+    test = load_table(data_dir / "glue" / "SST-2" / "dev.tsv", columns=columns)
+    manifest = _prepare(train, test, tmp_path, validation_size=100, max_train=300, max_test=200)
+    assert manifest["rows"] == {"train": 300, "validation": 100, "test": 200}
+    assert manifest["sources"]["test"][0]["sha256"] == sha256_file(data_dir / "glue" / "SST-2" / "dev.tsv")
+    first = load_split(tmp_path / "test.jsonl")[0]
+    raw_line = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[first["source_row"] - 1]
+    assert raw_line.split("\t")[0] == first["text"]

@@ -1,0 +1,323 @@
+"""Golden-value and behaviour tests of flexkd.losses. Expected numbers are hand-computed or come from an
+independent numpy formula, never from the function under test."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flexkd.errors import ConfigError
+from flexkd.losses import (
+    LOSS_TERMS,
+    METHODS,
+    build_objective,
+    cka_loss,
+    flexkd_feature_loss,
+    forward_kl,
+    get_loss_term,
+    masked_rows,
+    projector_loss,
+    response_nll,
+    task_ce,
+)
+
+# Two columns, N = 4. Column 0: corr([1,2,3,4], [1,3,2,4]) = 0.8; column 1: corr([1,2,3,4], [4,3,2,1]) = -1.
+# Cross terms: C_01 = corr(hs0, ht1) = -1, C_10 = corr(hs1, ht0) = 0.8.
+HS = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+HT = torch.tensor([[1.0, 4.0], [3.0, 3.0], [2.0, 2.0], [4.0, 1.0]])
+
+
+# ---------------------------------------------------------------- small pure functions
+
+
+def test_masked_rows_picks_true_positions_in_order():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    assert masked_rows(hidden, mask).tolist() == [[0.0, 1.0], [4.0, 5.0], [8.0, 9.0]]
+    with pytest.raises(ConfigError, match=r"\(2, 3, 2\).*\(3, 2\)"):
+        masked_rows(hidden, torch.ones(3, 2))
+
+
+def test_task_ce_golden():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    labels = torch.tensor([0, 1])
+    # ln 2 and -ln(1/4) = ln 4; mean = 1.5 ln 2
+    assert task_ce(logits, labels).item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+
+
+def test_response_nll_golden_shifted_and_ignoring_minus_100():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]])
+    labels = torch.tensor([[-100, 0, 1]])
+    # logits[0] predicts label 0: ln 2; logits[1] predicts label 1: ln 4; logits[2] predicts nothing.
+    assert response_nll(logits, labels).item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+    no_response = response_nll(logits.requires_grad_(), torch.full((1, 3), -100))
+    assert no_response.item() == 0.0 and no_response.requires_grad
+
+
+def test_forward_kl_zero_when_equal_and_hand_value():
+    logits = torch.randn(4, 5)
+    assert forward_kl(logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    # p_T = (3/4, 1/4), p_S = (1/2, 1/2) at tau = 2 (teacher logits scaled by tau).
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[2.0 * math.log(3.0), 0.0]])
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # 0.130812...
+    assert forward_kl(student, teacher, 2.0).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.130812, abs=1e-6)
+
+
+def _np_kl(student, teacher, tau):
+    def log_softmax(x):
+        x = x / tau
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lt, ls = log_softmax(teacher), log_softmax(student)
+    return float((np.exp(lt) * (lt - ls)).sum(-1).mean())
+
+
+def test_forward_kl_matches_numpy_and_mask_selects_rows():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    expected = _np_kl(s.numpy()[mask.numpy()], t.numpy()[mask.numpy()], 3.0)
+    assert forward_kl(s, t, 3.0, mask).item() == pytest.approx(expected, rel=1e-5)
+    expected_all = _np_kl(s.reshape(-1, 7).numpy(), t.reshape(-1, 7).numpy(), 1.0)
+    assert forward_kl(s, t, 1.0).item() == pytest.approx(expected_all, rel=1e-5)
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask] = 100.0
+    t2[~mask] = -100.0
+    assert forward_kl(s2, t2, 3.0, mask).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"\(2, 4, 7\).*\(2, 4, 8\)"):
+        forward_kl(s, torch.randn(2, 4, 8), 1.0)
+
+
+# ---------------------------------------------------------------- Flex-KD feature loss
+
+
+def test_flexkd_pearson_barlow_mse_golden():
+    assert flexkd_feature_loss(HS, HT, "pearson").item() == pytest.approx((0.2 + 2.0) / 2, abs=1e-4)
+    # diag: 0.2^2 + 2^2 = 4.04; off-diagonal: (-1)^2 + 0.8^2 = 1.64
+    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.01).item() == pytest.approx(4.0564, abs=1e-4)
+    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.0).item() == pytest.approx(4.04, abs=1e-4)
+    # mse of standardised columns = 2 - 2 r per column: 0.4 and 4.0
+    assert flexkd_feature_loss(HS, HT, "mse").item() == pytest.approx(2.2, abs=1e-4)
+
+
+def _np_flexkd(hs, ht, kind, lambda_off, eps=1e-5):
+    def std(x):
+        x = x - x.mean(0)
+        return x / np.sqrt((x**2).mean(0) + eps)
+
+    a, b = std(hs.astype(np.float64)), std(ht.astype(np.float64))
+    c = a.T @ b / len(a)
+    d = np.diag(c)
+    if kind == "pearson":
+        return (1 - d).mean()
+    if kind == "barlow":
+        return ((1 - d) ** 2).sum() + lambda_off * ((c**2).sum() - (d**2).sum())
+    return ((a - b) ** 2).mean()
+
+
+@pytest.mark.parametrize("kind", ["pearson", "barlow", "mse"])
+def test_flexkd_matches_numpy_on_random(kind):
+    g = torch.Generator().manual_seed(1)
+    hs, ht = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g) * 3 + 1
+    expected = _np_flexkd(hs.numpy(), ht.numpy(), kind, 5e-3)
+    assert flexkd_feature_loss(hs, ht, kind).item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["pearson", "barlow", "mse"])
+def test_flexkd_zero_for_per_unit_affine_and_scale_invariant(kind):
+    g = torch.Generator().manual_seed(2)
+    ht = torch.randn(64, 5, generator=g)
+    scale = torch.tensor([0.5, 1.0, 2.0, 7.0, 0.3])
+    shift = torch.tensor([1.0, -2.0, 0.0, 3.0, 10.0])
+    hs = ht * scale + shift
+    assert flexkd_feature_loss(hs, ht, kind, lambda_off=0.0).item() == pytest.approx(0.0, abs=1e-4)
+    other = torch.randn(64, 5, generator=g)
+    base = flexkd_feature_loss(other, ht, kind).item()
+    assert flexkd_feature_loss(other * scale, ht, kind).item() == pytest.approx(base, rel=1e-3, abs=1e-5)
+    assert flexkd_feature_loss(other, ht * scale + shift, kind).item() == pytest.approx(base, rel=1e-3, abs=1e-5)
+
+
+def test_flexkd_refuses_bad_shapes_and_kind():
+    with pytest.raises(ConfigError, match=r"\(4, 2\).*\(4, 3\)"):
+        flexkd_feature_loss(torch.randn(4, 2), torch.randn(4, 3))
+    with pytest.raises(ConfigError, match="N >= 2"):
+        flexkd_feature_loss(torch.randn(1, 2), torch.randn(1, 2))
+    with pytest.raises(ConfigError, match="pearson"):
+        flexkd_feature_loss(HS, HT, kind="cosine")
+
+
+# ---------------------------------------------------------------- CKA and projector
+
+
+def _np_cka(x, y):
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return 1 - np.trace(k @ l) / np.sqrt(np.trace(k @ k) * np.trace(l @ l))
+
+
+def test_cka_matches_gram_formula_and_invariances():
+    g = torch.Generator().manual_seed(3)
+    hs, ht = torch.randn(12, 3, generator=g), torch.randn(12, 5, generator=g)
+    expected = _np_cka(hs.double().numpy(), ht.double().numpy())
+    assert cka_loss(hs, ht).item() == pytest.approx(expected, abs=1e-5)
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
+    assert cka_loss(hs * 10.0, ht @ rotation * 0.01).item() == pytest.approx(expected, abs=1e-5)
+    assert cka_loss(ht @ rotation, ht).item() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ConfigError, match=r"\(12, 3\).*\(11, 5\)"):
+        cka_loss(hs, ht[:11])
+
+
+def test_projector_loss_golden():
+    projector = nn.Linear(1, 2)
+    with torch.no_grad():
+        projector.weight.copy_(torch.tensor([[1.0], [2.0]]))
+        projector.bias.copy_(torch.tensor([0.0, 1.0]))
+    hs = torch.tensor([[1.0], [2.0]])
+    ht = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    # projected [[1, 3], [2, 5]]; squared errors 0, 4, 0, 9 -> 13 / 4
+    assert projector_loss(projector, hs, ht).item() == pytest.approx(3.25)
+    with pytest.raises(ConfigError, match="1 -> 2"):
+        projector_loss(projector, torch.randn(2, 3), ht)
+
+
+# ---------------------------------------------------------------- registry and objective
+
+
+def test_registry_names_and_flags():
+    assert set(LOSS_TERMS) == {"ce", "kd", "projector", "cka", "flexkd"}
+    assert not LOSS_TERMS["ce"].needs_teacher_logits and not LOSS_TERMS["ce"].needs_teacher_hidden
+    assert LOSS_TERMS["kd"].needs_teacher_logits and not LOSS_TERMS["kd"].needs_teacher_hidden
+    for name in ("projector", "cka", "flexkd"):
+        assert LOSS_TERMS[name].needs_teacher_hidden
+    with pytest.raises(ConfigError, match="ce, kd, projector, cka, flexkd"):
+        get_loss_term("mse_logits")
+
+
+D_S, D_T, B, T, C = 3, 5, 2, 4, 3
+UNITS = torch.tensor([0, 2, 4])
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        student_logits=torch.randn(B, C, generator=g, requires_grad=True),
+        student_hidden=torch.randn(B, T, D_S, generator=g, requires_grad=True),
+        labels=torch.tensor([0, 2]),
+        feature_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool),
+        teacher_logits=torch.randn(B, C, generator=g, requires_grad=True),
+        teacher_hidden=torch.randn(B, T, D_T, generator=g, requires_grad=True),
+    )
+
+
+def _objective(method, **kwargs):
+    return build_objective(
+        method, student_hidden=D_S, teacher_hidden=D_T, selected_units=UNITS if method == "flexkd" else None, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "method,keys",
+    [
+        ("ft", {"task", "total"}),
+        ("kd", {"task", "kd", "total"}),
+        ("projector", {"task", "kd", "feature/projector", "total"}),
+        ("cka", {"task", "kd", "feature/cka", "total"}),
+        ("flexkd", {"task", "kd", "feature/flexkd", "total"}),
+    ],
+)
+def test_objective_terms_per_method(method, keys):
+    objective = _objective(method)
+    assert objective.needs_teacher == (method != "ft")
+    assert objective.needs_teacher_hidden == (method in ("projector", "cka", "flexkd"))
+    total, terms = objective(**_batch())
+    assert set(terms) == keys
+    assert terms["total"].item() == pytest.approx(total.item())
+    assert METHODS == ("ft", "kd", "projector", "cka", "flexkd")
+
+
+def test_objective_formula_and_unweighted_terms():
+    batch = _batch()
+    objective = _objective("flexkd", alpha=0.3, temperature=4.0, feature_weight=2.5)
+    total, terms = objective(**batch)
+    mask = batch["feature_mask"]
+    task = task_ce(batch["student_logits"], batch["labels"]).item()
+    kd = forward_kl(batch["student_logits"], batch["teacher_logits"], 4.0).item()
+    feat = flexkd_feature_loss(
+        batch["student_hidden"][mask], batch["teacher_hidden"][mask][:, UNITS], "pearson"
+    ).item()
+    assert terms["task"].item() == pytest.approx(task, rel=1e-6)
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-6)
+    assert terms["feature/flexkd"].item() == pytest.approx(feat, rel=1e-6)
+    assert total.item() == pytest.approx(0.7 * task + 0.3 * 16.0 * kd + 2.5 * feat, rel=1e-6)
+    ft_total, _ = _objective("ft", alpha=0.9)(**batch)
+    assert ft_total.item() == pytest.approx(task, rel=1e-6)  # alpha ignored for ft
+
+
+@pytest.mark.parametrize("method", ["projector", "cka", "flexkd"])
+def test_masked_positions_do_not_change_the_loss(method):
+    objective = _objective(method)
+    batch = _batch()
+    total, _ = objective(**batch)
+    changed = _batch()
+    pad = ~changed["feature_mask"]
+    with torch.no_grad():
+        changed["student_hidden"][pad] = 1e3
+        changed["teacher_hidden"][pad] = -1e3
+    total_changed, _ = objective(**changed)
+    assert total_changed.item() == pytest.approx(total.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["projector", "cka", "flexkd"])
+def test_gradients_reach_student_and_projector_not_teacher(method):
+    objective = _objective(method)
+    batch = _batch()
+    total, _ = objective(**batch)
+    total.backward()
+    assert batch["student_hidden"].grad is not None and batch["student_hidden"].grad.abs().sum() > 0
+    assert batch["student_logits"].grad.abs().sum() > 0
+    assert batch["teacher_hidden"].grad is None and batch["teacher_logits"].grad is None
+    params = list(objective.parameters())
+    if method == "projector":
+        assert len(params) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    else:
+        assert params == []
+
+
+def test_build_objective_refusals():
+    with pytest.raises(ConfigError, match="ft, kd, projector, cka, flexkd"):
+        build_objective("fitnet", student_hidden=D_S, teacher_hidden=D_T, selected_units=None)
+    with pytest.raises(ConfigError, match="relevance"):
+        build_objective("flexkd", student_hidden=D_S, teacher_hidden=D_T, selected_units=None)
+    with pytest.raises(ConfigError, match=r"relevance.*k=2.*d_S=3"):
+        build_objective("flexkd", student_hidden=D_S, teacher_hidden=D_T, selected_units=torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match=r"relevance.*d_T=5"):
+        build_objective("flexkd", student_hidden=D_S, teacher_hidden=D_T, selected_units=torch.tensor([0, 1, 5]))
+    with pytest.raises(ConfigError, match="kind"):
+        build_objective("flexkd", student_hidden=D_S, teacher_hidden=D_T, selected_units=UNITS, flexkd_kind="l1")
+    objective = _objective("kd")
+    batch = _batch()
+    batch["teacher_logits"] = None
+    with pytest.raises(ConfigError, match="teacher_logits"):
+        objective(**batch)
+    batch = _batch()
+    batch["teacher_hidden"] = torch.randn(B, T, D_T + 1)
+    with pytest.raises(ConfigError, match=r"d_T=5.*\(2, 4, 6\)"):
+        _objective("cka")(**batch)
+
+
+def test_objective_causal_lm_path():
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 4, 7, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 4, 7, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 4], [-100, 1, 2, -100]])
+    objective = _objective("kd", alpha=1.0, temperature=1.0)
+    _, terms = objective(student_logits=student, teacher_logits=teacher, labels=labels)
+    rows = torch.tensor([[False, True, True, False], [True, True, False, False]])  # predict a response token
+    assert terms["kd"].item() == pytest.approx(_np_kl(student.detach().numpy()[rows], teacher.numpy()[rows], 1.0), rel=1e-5)
+    assert terms["task"].item() == pytest.approx(response_nll(student, labels).item())
