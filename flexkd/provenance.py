@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
+from typing import Callable
 
 _CHUNK = 1 << 20
 
@@ -49,3 +53,23 @@ def tensor_state_hash(state_dict) -> str:
         digest.update(json.dumps(list(tensor.shape)).encode())
         digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a directory atomically: ``write`` fills a sibling temp directory, which is then renamed into place.
+
+    A reader (or a run that crashed half-way) sees the old directory or the new one, never a half-written one;
+    temp directories start with a dot and are never read.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    write(tmp)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -16,9 +16,7 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +26,7 @@ from torch import nn
 
 from flexkd.config import TrainConfig
 from flexkd.errors import ProvenanceError
-from flexkd.provenance import sha256_file
+from flexkd.provenance import atomic_dir, sha256_file
 
 LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -105,19 +103,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    write(tmp)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _manifest(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): sha256_file(path)
@@ -143,7 +128,7 @@ def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None,
         (tmp / "state.json").write_text(json.dumps({"fingerprint": fingerprint, **asdict(state)}, indent=1))
         (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
 
-    _atomic_dir(directory, write)
+    atomic_dir(directory, write)
 
 
 def load_training_checkpoint(directory: Path, *, fingerprint: str) -> tuple[dict, TrainState]:
@@ -244,7 +229,7 @@ def train_loop(
             score = metrics[select_metric]
             if state.best_score is None or score > state.best_score:
                 state.best_score, state.best_step = score, state.step
-                _atomic_dir(work_dir / BEST, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+                atomic_dir(work_dir / BEST, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
     bar = None
     if progress:
@@ -280,7 +265,7 @@ def train_loop(
             log(metrics, state.step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
         end_of_epoch = state.batch_in_epoch >= steps_per_epoch
         due = (state.step % settings.eval_every == 0) if settings.eval_every else end_of_epoch

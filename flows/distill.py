@@ -13,6 +13,34 @@ from prefect import flow
 from flows.common import fingerprint, load_params, paths_for, read_json, run_cli, write_json
 
 
+def check_teacher_beats_ft(cfg, paths, method: str) -> None:
+    """Before distilling from the teacher, compare it with the ft student (run first) on the validation split.
+
+    A teacher that does not beat a student trained without it makes every distillation run a waste: warn loudly,
+    or stop when teacher.require_better_than_ft is set.
+    """
+    import warnings
+
+    from flexkd.errors import FlexKDError
+
+    ft_metrics = paths.distill_metrics("ft")
+    teacher_info = paths.teacher / "flexkd_teacher.json"
+    if method == "ft" or not ft_metrics.exists() or not teacher_info.exists():
+        return
+    metric = cfg.evaluate.primary_metric
+    teacher_score = read_json(teacher_info)["validation"][metric]
+    ft_score = read_json(ft_metrics)["validation"][metric]
+    if teacher_score > ft_score:
+        return
+    message = (f"the teacher (validation {metric} {teacher_score:.4f}) does not beat the ft student ({ft_score:.4f}); "
+               f"distilling {method} from it wastes the run. Tune the teacher longer (teacher.finetune.*) or pick a stronger one.")
+    if cfg.teacher.require_better_than_ft:
+        raise FlexKDError(message + " Stopping: teacher.require_better_than_ft is true.")
+    banner = "!" * 100
+    print(f"\n{banner}\nWARNING: {message}\n{banner}\n")
+    warnings.warn(message, stacklevel=1)
+
+
 @flow(name="flexkd-distill", log_prints=True)
 def distill_flow(method: str, params: str | None = None) -> dict:
     from flexkd import tracking
@@ -34,6 +62,7 @@ def distill_flow(method: str, params: str | None = None) -> dict:
     if method not in cfg.distill.methods:
         raise ConfigError(f"--method {method!r} is not in distill.methods {cfg.distill.methods}")
     paths = paths_for(cfg)
+    check_teacher_beats_ft(cfg, paths, method)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()

@@ -1,0 +1,128 @@
+"""The whole pipeline through ``dvc repro`` on tiny random models and a few hundred real SST-2 rows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.project import env_for, make_project, run, save_tiny_bert, tiny_params
+
+pytestmark = pytest.mark.slow
+
+METHODS = ["ft", "kd", "projector", "cka", "flexkd"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("flexkd-project")
+    teacher = save_tiny_bert(root.parent / f"{root.name}-teacher", hidden=32, layers=2)
+    make_project(root, tiny_params(data_dir, teacher))
+    completed = run([sys.executable, "-m", "dvc", "repro"], root)
+    return root, completed
+
+
+def mlflow_client(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_every_stage_writes_its_outputs(project):
+    root, _ = project
+    assert json.loads((root / "data/validated/sst2/validation_report.json").read_text())["success"] is True
+    manifest = json.loads((root / "data/prepared/sst2/manifest.json").read_text())
+    assert manifest["rows"] == {"train": 240, "validation": 60, "test": 80}
+    assert (root / "runs/teacher/sst2/model.safetensors").exists()
+    index = json.loads((root / "data/relevance/sst2/index.json").read_text())
+    assert len(index["indices"]) == 16 and len(set(index["indices"])) == 16 and index["d_teacher"] == 32
+    assert (root / "data/relevance/sst2/scores.png").stat().st_size > 1000
+    for method in METHODS:
+        student = root / "runs/students/sst2" / method
+        assert (student / "model.safetensors").exists() and (student / "tokenizer.json").exists()
+        info = json.loads((student / "flexkd_student.json").read_text())
+        assert info["steps"] == 15 and info["model_uri"]
+        assert json.loads((root / f"metrics/distill/{method}.json").read_text())["validation"]["accuracy"] >= 0
+    evaluation = json.loads((root / "metrics/evaluation.json").read_text())
+    assert set(evaluation["students"]) == set(METHODS) and evaluation["test_rows"] == 80
+    table = (root / "reports/comparison.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table or f"| **{method}** |" in table
+    assert "| teacher |" in table and "MCC" in table and "parameters" in table
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert {"validate", "prepare", "finetune_teacher", "relevance", "evaluate", "register"} <= set(lock["stages"])
+    assert {f"distill@{m}" for m in METHODS} <= set(lock["stages"])
+
+
+def test_checkpoints_load_with_plain_transformers(project):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, _ = project
+    path = root / "runs/students/sst2/flexkd"
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2) and model.config.hidden_size == 16
+
+
+def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
+    root, _ = project
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("flexkd-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    stages = {r.data.tags.get("flexkd.stage"): r for r in runs if r.data.tags.get("flexkd.stage")}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("flexkd.stage")}
+    assert len(parents) == 1 and None not in parents, "all stage runs share one pipeline parent"
+    assert {"validate", "prepare", "finetune_teacher", "relevance", "evaluate", "register"} <= set(stages)
+    distill = {r.data.tags.get("flexkd.method"): r for r in runs if (r.data.tags.get("flexkd.stage") or "").startswith("distill")}
+    assert set(distill) == set(METHODS)
+    flexkd_run = distill["flexkd"]
+    for key in ("train/task", "train/kd", "train/feature/flexkd", "train/total"):
+        history = client.get_metric_history(flexkd_run.info.run_id, key)
+        assert len(history) >= 5, key
+    assert "train/feature/projector" in distill["projector"].data.metrics
+    assert "train/kd" not in distill["ft"].data.metrics
+    assert "test/accuracy" in flexkd_run.data.metrics
+    assert flexkd_run.data.tags.get("flexkd.git_commit")
+    prepare = stages["prepare"]
+    assert {d.dataset.name for d in prepare.inputs.dataset_inputs} >= {"sst2-train", "sst2-test"}
+    relevance_artifacts = {a.path for a in client.list_artifacts(stages["relevance"].info.run_id, "relevance")}
+    assert {"relevance/index.json", "relevance/scores.png"} <= relevance_artifacts
+
+
+def test_best_student_registered_as_champion_with_model_card(project):
+    root, _ = project
+    client = mlflow_client(root)
+    registry = json.loads((root / "reports/registry.json").read_text())
+    version = client.get_model_version_by_alias("flexkd-sst2", "champion")
+    assert str(version.version) == str(registry["version"]) and registry["alias"] == "champion"
+    assert "# " in version.description and registry["best_method"] in version.description
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/flexkd-sst2@champion")
+    out = model.predict(pd.DataFrame({"text": ["a gorgeous , witty film", "dull and lifeless"]}))
+    assert set(out["label"].astype(str)) <= {"0", "1"} and len(out) == 2
+
+
+def test_second_repro_reruns_only_the_gate(project):
+    root, _ = project
+    completed = run([sys.executable, "-m", "dvc", "repro"], root)
+    text = completed.stdout + completed.stderr
+    assert "Running stage 'validate'" in text
+    for stage in ("prepare", "finetune_teacher", "relevance", "distill@flexkd", "evaluate"):
+        assert f"Running stage '{stage}'" not in text, stage
+
+
+def test_a_changed_param_reruns_only_what_depends_on_it(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["distill"]["flexkd_loss"] = "barlow"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = run([sys.executable, "-m", "dvc", "repro", "--dry"], root)
+    assert "Running stage 'distill@flexkd'" in dry.stdout
+    assert "Running stage 'finetune_teacher'" not in dry.stdout and "Running stage 'relevance'" not in dry.stdout

