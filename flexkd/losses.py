@@ -5,6 +5,11 @@ name is the one ``params.yaml`` uses (``LOSS_TERMS``). ``build_objective`` compo
 
     L = (1 - alpha) * L_task + alpha * tau^2 * KD(tau) + beta * L_feat          (docs/METHOD.md, stage 4)
 
+Logit terms (``LOGIT_LOSSES``, the ``kind`` of the ``kd`` term): ``forward_kl`` (Hinton), ``reverse_kl``
+(MiniLLM-style, token level), ``jsd`` (GKD's generalised JSD), ``skew_forward_kl`` / ``skew_reverse_kl``
+(DistiLLM). All take temperature tau on both sides and are *not* multiplied by tau^2 (the objective does that).
+Teacher and student must share the tokenizer; ``align_vocab`` truncates logits that differ only by padding rows.
+
 Shapes: classification logits are (B, C); causal-LM logits are (B, T, V) with labels (B, T) where -100 marks
 tokens that carry no loss (prompt, padding). Hidden states are (B, T, d). Losses are computed in float32
 whatever the input dtype.
@@ -12,6 +17,7 @@ whatever the input dtype.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -81,6 +87,67 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _kd_log_probs(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validated float32 log-softmax rows (N, V) of student and teacher at temperature tau; None if N = 0."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(
+            f"{name}: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape (teacher and student must share the vocabulary "
+            "or label set)"
+        )
+    if not temperature > 0:
+        raise ConfigError(f"{name}: temperature must be > 0, got {temperature}")
+    s = student_logits.float()
+    t = teacher_logits.float()
+    if mask is not None:
+        if s.dim() != 3 or mask.shape != s.shape[:2]:
+            raise ConfigError(
+                f"{name}: a mask needs (B, T, V) logits and a (B, T) mask; got logits {tuple(s.shape)} "
+                f"and mask {tuple(mask.shape)}"
+            )
+        s, t = s[mask.bool()], t[mask.bool()]
+    s = s.reshape(-1, s.shape[-1])
+    t = t.reshape(-1, t.shape[-1])
+    if s.shape[0] == 0:
+        return None
+    return F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || q) from log-probabilities (N, V) -> (N,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * p + (1 - weight) * q) from log-probabilities, with logsumexp (exact at weight 0 and 1)."""
+    if weight == 0.0:
+        return log_q
+    if weight == 1.0:
+        return log_p
+    return torch.logsumexp(torch.stack([log_p + math.log(weight), log_q + math.log(1.0 - weight)]), dim=0)
+
+
+def _kl_to_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-row KL(p || weight * p + (1 - weight) * q)."""
+    return _kl(log_p, _log_mixture(log_p, log_q, weight))
+
+
+def _check_unit_interval(name: str, key: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}: {key} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _empty(student_logits: torch.Tensor) -> torch.Tensor:
+    return student_logits.float().sum() * 0.0
+
+
 def forward_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -92,30 +159,177 @@ def forward_kl(
     Rows: the batch for (B, C) logits; for (B, T, V) logits the positions where ``mask`` (B, T) is true
     (all positions when ``mask`` is None). No row selected gives 0.
     """
-    if student_logits.shape != teacher_logits.shape:
+    rows = _kd_log_probs("forward_kl", student_logits, teacher_logits, temperature, mask)
+    if rows is None:
+        return _empty(student_logits)
+    log_p_s, log_p_t = rows
+    return _kl(log_p_t, log_p_s).mean()
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(p_S^tau || p_T^tau), mean over rows (MiniLLM-style objective at token level; mode seeking).
+
+    Rows and masking as in ``forward_kl``; not multiplied by tau^2. No row selected gives 0.
+    """
+    rows = _kd_log_probs("reverse_kl", student_logits, teacher_logits, temperature, mask)
+    if rows is None:
+        return _empty(student_logits)
+    log_p_s, log_p_t = rows
+    return _kl(log_p_s, log_p_t).mean()
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """GKD's generalised Jensen-Shannon divergence, mean over rows (Agarwal et al. 2024; TRL GKDTrainer).
+
+    Convention (that of TRL's ``GKDTrainer.generalized_jsd_loss`` for 0 < beta < 1)::
+
+        m        = beta * p_T + (1 - beta) * p_S
+        JSD_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)
+
+    with p_T, p_S at temperature tau and m formed in log space (logsumexp). beta = 0.5 is the symmetric
+    JSD; the value goes to 0 at both limits (beta -> 0: m = p_S; beta -> 1: m = p_T). Unlike recent TRL
+    versions, beta = 0 and beta = 1 are *not* special-cased to plain forward / reverse KL: the formula above
+    is used as is (use ``forward_kl`` / ``reverse_kl`` for those). Rows and masking as in ``forward_kl``;
+    not multiplied by tau^2.
+    """
+    beta = _check_unit_interval("jsd", "beta", beta)
+    rows = _kd_log_probs("jsd", student_logits, teacher_logits, temperature, mask)
+    if rows is None:
+        return _empty(student_logits)
+    log_p_s, log_p_t = rows
+    log_m = _log_mixture(log_p_t, log_p_s, beta)
+    return (beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)).mean()
+
+
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """DistiLLM's skew forward KL: KL(p_T || alpha * p_T + (1 - alpha) * p_S), mean over rows.
+
+    alpha = 0 gives ``forward_kl``. Mixture formed in log space; not multiplied by tau^2.
+    """
+    alpha = _check_unit_interval("skew_forward_kl", "alpha", alpha)
+    rows = _kd_log_probs("skew_forward_kl", student_logits, teacher_logits, temperature, mask)
+    if rows is None:
+        return _empty(student_logits)
+    log_p_s, log_p_t = rows
+    return _kl_to_mixture(log_p_t, log_p_s, alpha).mean()
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """DistiLLM's skew reverse KL: KL(p_S || alpha * p_S + (1 - alpha) * p_T), mean over rows.
+
+    alpha = 0 gives ``reverse_kl``. Mixture formed in log space; not multiplied by tau^2.
+    """
+    alpha = _check_unit_interval("skew_reverse_kl", "alpha", alpha)
+    rows = _kd_log_probs("skew_reverse_kl", student_logits, teacher_logits, temperature, mask)
+    if rows is None:
+        return _empty(student_logits)
+    log_p_s, log_p_t = rows
+    return _kl_to_mixture(log_p_s, log_p_t, alpha).mean()
+
+
+LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+
+
+def align_vocab(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_vocab: int | None = None,
+    teacher_vocab: int | None = None,
+    shared_vocab: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate student and teacher logits (..., V) to the shared vocabulary; refuse any other mismatch.
+
+    Teacher and student must share the tokenizer; their logit widths may differ only by padding rows
+    (embedding matrices padded to a multiple of 8, 64, ...). The shared size is ``shared_vocab`` (the
+    tokenizer's real vocabulary, ``len(tokenizer)``) when given, else the common value of ``student_vocab`` /
+    ``teacher_vocab`` (each model's real vocabulary) when given, else the smaller width. ConfigError when
+    the leading dims differ, when ``student_vocab`` and ``teacher_vocab`` differ (different vocabularies,
+    not padding), or when the shared size exceeds either width. Returns views (gradients flow).
+    """
+    s_width, t_width = int(student_logits.shape[-1]), int(teacher_logits.shape[-1])
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ConfigError(
-            f"forward_kl: student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape (teacher and student must share the vocabulary "
-            "or label set)"
+            f"align_vocab: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in leading dims (only the vocabulary width may differ)"
         )
-    if not temperature > 0:
-        raise ConfigError(f"forward_kl: temperature must be > 0, got {temperature}")
-    s = student_logits.float()
-    t = teacher_logits.float()
-    if mask is not None:
-        if s.dim() != 3 or mask.shape != s.shape[:2]:
+    if student_vocab is not None and teacher_vocab is not None and int(student_vocab) != int(teacher_vocab):
+        raise ConfigError(
+            f"align_vocab: student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ; "
+            "teacher and student must share the tokenizer (logit widths may differ only by padding rows)"
+        )
+    for who, vocab, width in (("student", student_vocab, s_width), ("teacher", teacher_vocab, t_width)):
+        if vocab is not None and not 1 <= int(vocab) <= width:
             raise ConfigError(
-                f"forward_kl: a mask needs (B, T, V) logits and a (B, T) mask; got logits {tuple(s.shape)} "
-                f"and mask {tuple(mask.shape)}"
+                f"align_vocab: {who} vocabulary size {vocab} does not fit its logit width {width} "
+                f"(student width {s_width}, teacher width {t_width})"
             )
-        s, t = s[mask.bool()], t[mask.bool()]
-    s = s.reshape(-1, s.shape[-1])
-    t = t.reshape(-1, t.shape[-1])
-    if s.shape[0] == 0:
-        return student_logits.float().sum() * 0.0
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    if shared_vocab is not None:
+        shared = int(shared_vocab)
+        for who, vocab in (("student", student_vocab), ("teacher", teacher_vocab)):
+            if vocab is not None and int(vocab) != shared:
+                raise ConfigError(
+                    f"align_vocab: shared vocabulary {shared} differs from the {who} vocabulary {vocab}"
+                )
+    elif student_vocab is not None or teacher_vocab is not None:
+        shared = int(student_vocab if student_vocab is not None else teacher_vocab)
+    else:
+        shared = min(s_width, t_width)
+    if not 1 <= shared <= min(s_width, t_width):
+        raise ConfigError(
+            f"align_vocab: shared vocabulary size {shared} does not fit the logits: student width {s_width}, "
+            f"teacher width {t_width} (widths may exceed the shared vocabulary only by padding rows; "
+            "teacher and student must share the tokenizer)"
+        )
+    if s_width == shared and t_width == shared:
+        return student_logits, teacher_logits
+    return student_logits[..., :shared], teacher_logits[..., :shared]
+
+
+def check_vocab_compatible(teacher_tokenizer, student_tokenizer) -> int:
+    """Refuse (ConfigError) tokenizers whose vocabularies differ; return the shared size ``len(tokenizer)``.
+
+    Compares ``len()`` and the full ``get_vocab()`` token -> id maps (added tokens included); the message
+    names both sizes and a few differing tokens.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    t_len, s_len = len(teacher_tokenizer), len(student_tokenizer)
+    if t_len == s_len and t_vocab == s_vocab:
+        return t_len
+    differing = sorted(
+        token for token in set(t_vocab) | set(s_vocab) if t_vocab.get(token) != s_vocab.get(token)
+    )
+    sample = ", ".join(
+        f"{token!r}: teacher {t_vocab.get(token)} / student {s_vocab.get(token)}" for token in differing[:5]
+    )
+    raise ConfigError(
+        f"teacher and student tokenizers differ: teacher vocabulary {t_len} tokens, student vocabulary "
+        f"{s_len} tokens, {len(differing)} tokens map to different ids (e.g. {sample or 'none'}); logit "
+        "distillation needs a shared tokenizer"
+    )
 
 
 def _standardise(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,20 +435,58 @@ class TaskLoss(LossTerm):
 
 
 class LogitKD(LossTerm):
-    """``kd``: forward KL at temperature tau (Hinton). Token-level over response positions for (B, T, V)."""
+    """``kd``: a logit divergence at temperature tau; token-level over response positions for (B, T, V).
+
+    ``kind``: ``forward_kl`` (Hinton, default), ``reverse_kl``, ``jsd`` (GKD, weight ``beta``),
+    ``skew_forward_kl`` / ``skew_reverse_kl`` (DistiLLM, skew ``skew_alpha``). Logits are first passed
+    through ``align_vocab`` (``shared_vocab``: the tokenizer's ``len()``, else the smaller width).
+    """
 
     name = "kd"
     needs_teacher_logits = True
 
-    def __init__(self, temperature: float = 2.0):
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        kind: str = "forward_kl",
+        beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        shared_vocab: int | None = None,
+    ):
         super().__init__()
         if not temperature > 0:
             raise ConfigError(f"kd: temperature must be > 0, got {temperature}")
+        if kind not in LOGIT_LOSSES:
+            raise ConfigError(f"kd: unknown logit loss {kind!r}; valid names: {', '.join(LOGIT_LOSSES)}")
         self.temperature = float(temperature)
+        self.kind = kind
+        self.beta = _check_unit_interval("kd", "jsd beta", beta)
+        self.skew_alpha = _check_unit_interval("kd", "skew alpha", skew_alpha)
+        if shared_vocab is not None and int(shared_vocab) < 1:
+            raise ConfigError(f"kd: shared_vocab must be >= 1, got {shared_vocab}")
+        self.shared_vocab = None if shared_vocab is None else int(shared_vocab)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, skew_alpha={self.skew_alpha}, "
+            f"shared_vocab={self.shared_vocab}"
+        )
 
     def forward(self, student_logits, teacher_logits, labels) -> torch.Tensor:
+        student_logits, teacher_logits = align_vocab(
+            student_logits, teacher_logits, shared_vocab=self.shared_vocab
+        )
         mask = response_mask(labels) if student_logits.dim() == 3 else None
-        return forward_kl(student_logits, teacher_logits, self.temperature, mask)
+        tau = self.temperature
+        if self.kind == "forward_kl":
+            return forward_kl(student_logits, teacher_logits, tau, mask)
+        if self.kind == "reverse_kl":
+            return reverse_kl(student_logits, teacher_logits, tau, mask)
+        if self.kind == "jsd":
+            return generalized_jsd(student_logits, teacher_logits, tau, mask, beta=self.beta)
+        if self.kind == "skew_forward_kl":
+            return skew_forward_kl(student_logits, teacher_logits, tau, mask, alpha=self.skew_alpha)
+        return skew_reverse_kl(student_logits, teacher_logits, tau, mask, alpha=self.skew_alpha)
 
 
 class FeatureTerm(LossTerm):
@@ -434,12 +686,18 @@ def build_objective(
     student_hidden: int,
     teacher_hidden: int,
     selected_units: torch.Tensor | None = None,
+    logit_loss: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    shared_vocab: int | None = None,
 ) -> DistillObjective:
     """The objective of one method (``ft``, ``kd``, ``projector``, ``cka``, ``flexkd``); see docs/METHOD.md.
 
     ``ft``: task only (alpha ignored, no teacher). ``kd``: task + logit KD. ``projector`` / ``cka`` / ``flexkd``:
     task + logit KD + ``feature_weight`` * that feature term. ``flexkd`` needs ``selected_units`` (k = d_S
-    teacher unit indices, all < d_T).
+    teacher unit indices, all < d_T). ``logit_loss`` picks the KD divergence (``LOGIT_LOSSES``) with
+    ``jsd_beta`` / ``skew_alpha``; ``shared_vocab`` (``len(tokenizer)``) is the width logits are truncated to
+    when teacher and student pad their vocabularies differently (default: the smaller width).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown distillation method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -451,6 +709,8 @@ def build_objective(
         raise ConfigError(f"feature_weight must be >= 0, got {feature_weight}")
     if student_hidden < 1 or teacher_hidden < 1:
         raise ConfigError(f"student_hidden and teacher_hidden must be >= 1, got {student_hidden}, {teacher_hidden}")
+    if logit_loss not in LOGIT_LOSSES:
+        raise ConfigError(f"unknown logit_loss {logit_loss!r}; valid names: {', '.join(LOGIT_LOSSES)}")
     if method == "flexkd" and student_hidden > teacher_hidden:
         raise ConfigError(
             f"relevance: Flex-KD selects k = d_S = {student_hidden} teacher units but the teacher has only "
@@ -458,7 +718,13 @@ def build_objective(
         )
 
     task_term = get_loss_term("ce")()
-    kd_term = None if method == "ft" else get_loss_term("kd")(temperature=temperature)
+    kd_term = (
+        None
+        if method == "ft"
+        else get_loss_term("kd")(
+            temperature=temperature, kind=logit_loss, beta=jsd_beta, skew_alpha=skew_alpha, shared_vocab=shared_vocab
+        )
+    )
     feature_term: FeatureTerm | None = None
     if method == "projector":
         feature_term = get_loss_term("projector")(student_hidden, teacher_hidden)
