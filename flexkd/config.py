@@ -36,14 +36,19 @@ class ProjectConfig(_Strict):
 
 
 class ColumnsConfig(_Strict):
-    text: str | int = Field(description="Column (name, or 0-based position for files without header) of the text.")
-    text_pair: str | int | None = Field(None, description="Second text column for sentence-pair tasks (e.g. RTE, MNLI).")
-    label: str | int = Field(description="Column of the label (int or string labels).")
+    text: str | int | None = Field(None, description="classification: column (name, or 0-based position without header) of the text.")
+    text_pair: str | int | None = Field(None, description="classification: second text column for sentence-pair tasks.")
+    label: str | int | None = Field(None, description="classification: column of the label (int or string labels).")
+    prompt: str | int | None = Field(None, description="instruction: the instruction; summarization: the document (a list of sentences is joined).")
+    input: str | int | None = Field(None, description="instruction: optional extra input (Alpaca 'input').")
+    response: str | int | None = Field(None, description="The target text, or a list of references (the first is the training target).")
 
 
 class DataConfig(_Strict):
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Short task name; names outputs and the registered model flexkd-<task>.")
-    format: Literal["classification"] = Field("classification", description="Task format.")
+    format: Literal["classification", "instruction", "summarization"] = Field(
+        "classification", description="Task format: classification (encoder students) or generation (causal LMs)."
+    )
     data_dir: str | None = Field(
         None,
         description="Directory of local datasets. None: env FLEXKD_DATA_DIR, else ../shared/datasets when it exists.",
@@ -57,7 +62,7 @@ class DataConfig(_Strict):
     hub_config: str | None = Field(None, description="Hub dataset config name, e.g. 'sst2'.")
     hub_train_split: str = Field("train", description="Hub split used for training.")
     hub_test_split: str = Field("validation", description="Hub split used as the held-out test set.")
-    columns: ColumnsConfig = Field(description="Column mapping from the source to text / text_pair / label.")
+    columns: ColumnsConfig = Field(description="Column mapping: text / text_pair / label, or prompt / input / response.")
     labels: list[str | int] | None = Field(None, description="Allowed labels, in id order. None: the sorted labels found in train.")
     validation_size: int | float = Field(
         872, gt=0, description="Rows (int) or fraction (float < 1) of train held out for checkpoint selection."
@@ -75,7 +80,15 @@ class DataConfig(_Strict):
             raise ValueError("data.hub_id is required when data.source is 'hub'")
         if isinstance(self.validation_size, float) and not 0 < self.validation_size < 1:
             raise ValueError("data.validation_size: a float must be a fraction in (0, 1)")
+        needed = ("text", "label") if self.format == "classification" else ("prompt", "response")
+        for key in needed:
+            if getattr(self.columns, key) is None:
+                raise ValueError(f"data.columns.{key} is required for data.format '{self.format}'")
         return self
+
+    @property
+    def is_generation(self) -> bool:
+        return self.format != "classification"
 
 
 class ValidationConfig(_Strict):
@@ -127,19 +140,35 @@ class RelevanceConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    init: Literal["random", "path"] = Field("random", description="random: a new model of the teacher's family; path: load one.")
-    path: str | None = Field(None, description="Student checkpoint directory (init: path).")
-    num_layers: int = Field(4, gt=0, description="Transformer layers of a random-init student.")
+    init: Literal["random", "path", "prune"] = Field(
+        "random",
+        description="random: a new model of the teacher's family; path: load one; prune: slice the tuned teacher to the "
+        "relevance-selected hidden units (and layers, heads, MLP channels), so unit i starts as teacher unit S[i].",
+    )
+    path: str | None = Field(None, description="Student checkpoint directory or Hub id (init: path).")
+    num_layers: int = Field(4, gt=0, description="Transformer layers (prune: that many teacher layers, evenly spaced, unless prune_layers).")
     hidden_size: int = Field(192, gt=0, description="Hidden size d_S (= k, the number of teacher units selected).")
-    num_heads: int = Field(4, gt=0, description="Attention heads (hidden_size must divide by it).")
-    intermediate_size: int = Field(768, gt=0, description="MLP width.")
+    num_heads: int | None = Field(4, gt=0, description="Attention heads (random: hidden_size must divide by it; prune: query heads kept, None: the family default).")
+    num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads of a random-init GQA student (None: as many as num_heads).")
+    intermediate_size: int | None = Field(768, gt=0, description="MLP width (prune: channels kept, by importance; None: all).")
+    prune_layers: list[int] | None = Field(None, description="prune: teacher layers to keep, ascending (None: num_layers evenly spaced, first and last kept).")
+    prune_importance: Literal["activations", "weights"] = Field(
+        "activations", description="prune: rank heads and MLP channels by mean |activation| on training data, or by weight norms."
+    )
+    alpha: float | None = Field(None, ge=0, le=1, description="Override of distill.alpha for this student.")
+    feature_weight: "FeatureWeights | None" = Field(None, description="Override of distill.feature_weight for this student.")
 
     @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"student.hidden_size ({self.hidden_size}) must be divisible by student.num_heads ({self.num_heads})")
+    def _consistent(self):
+        if self.init == "random":
+            if self.num_heads is None or self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+            if self.intermediate_size is None:
+                raise ValueError("intermediate_size is required for a random-init student")
         if self.init == "path" and not self.path:
-            raise ValueError("student.path is required when student.init is 'path'")
+            raise ValueError("path is required when init is 'path'")
+        if self.prune_layers is not None and sorted(set(self.prune_layers)) != list(self.prune_layers):
+            raise ValueError(f"prune_layers must be ascending and unique, got {self.prune_layers}")
         return self
 
 
@@ -155,6 +184,12 @@ class DistillConfig(_Strict):
     temperature: float = Field(2.0, gt=0, description="Softmax temperature tau of the KD term (scaled by tau^2).")
     feature_weight: FeatureWeights = Field(default_factory=FeatureWeights, description="beta per feature method.")
     flexkd_loss: Literal["pearson", "barlow", "mse"] = Field("pearson", description="Flex-KD feature loss variant.")
+    logit_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = Field(
+        "forward_kl", description="Logit term: forward KL (Hinton), reverse KL (MiniLLM-style), generalised JSD (GKD), skew KL (DistiLLM)."
+    )
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="beta of the generalised JSD.")
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of the skew forward / reverse KL.")
+    students: list[str] = Field(["random"], min_length=1, description="Which entries of `students` to train (each with every method).")
     barlow_lambda_off: float = Field(5e-3, ge=0, description="Off-diagonal weight of the barlow variant.")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -168,8 +203,27 @@ class DistillConfig(_Strict):
         return self
 
 
+class GenerationConfig(_Strict):
+    max_prompt_tokens: int = Field(256, gt=0, description="Prompt tokens after templating (longer prompts keep their end).")
+    max_response_tokens: int = Field(128, gt=0, description="Response tokens in training (the end token counts).")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated at evaluation.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generation batch.")
+    seeds: list[int] | None = Field(None, description="Sampling seeds for evaluation (mean and std of ROUGE-L); None: greedy only.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with seeds).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (with seeds).")
+    use_chat_template: bool | None = Field(None, description="Format prompts with the tokenizer's chat template (None: when it has one).")
+    summary_instruction: str = Field(
+        "Summarize the following text in one or two sentences.\n\n{document}",
+        description="summarization: the instruction around the document ({document} is replaced).",
+    )
+    eval_max_examples: int | None = Field(200, gt=0, description="Test examples generated for ROUGE-L (None: all).")
+    sample_rows: int = Field(10, gt=0, description="Rows of the prompt / reference / outputs table logged to MLflow.")
+
+
 class EvaluateConfig(_Strict):
-    primary_metric: Literal["accuracy", "macro_f1", "mcc"] = Field("accuracy", description="Metric that picks the best student.")
+    primary_metric: Literal["accuracy", "macro_f1", "mcc", "rougeL"] = Field(
+        "accuracy", description="Metric that picks the best student (rougeL for generation tasks)."
+    )
     batch_size: int = Field(128, gt=0, description="Examples per evaluation batch.")
 
 
@@ -183,10 +237,42 @@ class FlexKDConfig(_Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    students: dict[str, StudentConfig] = Field(
+        default_factory=lambda: {"random": StudentConfig()}, description="Named student set-ups; distill.students picks which to train."
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        for name in self.distill.students:
+            if name not in self.students:
+                raise ValueError(f"distill.students: {name!r} is not defined under students ({sorted(self.students)})")
+        for name in self.students:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"students.{name}: names may hold letters, digits, '-' and '_' only")
+        sizes = {self.students[n].hidden_size for n in self.distill.students}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"students: every trained student must have the same hidden_size (the relevance index's k); got {sorted(sizes)}"
+            )
+        generative = self.data.is_generation
+        if generative != (self.evaluate.primary_metric == "rougeL"):
+            raise ValueError(
+                f"evaluate.primary_metric {self.evaluate.primary_metric!r} does not fit data.format {self.data.format!r} "
+                "(rougeL for instruction/summarization; accuracy, macro_f1 or mcc for classification)"
+            )
+        return self
+
+    @property
+    def k(self) -> int:
+        """Teacher units selected: the trained students' hidden size."""
+        return self.students[self.distill.students[0]].hidden_size
+
+    def student(self, name: str) -> StudentConfig:
+        return self.students[name]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -220,3 +306,6 @@ def load_config(path: str | os.PathLike = "params.yaml") -> FlexKDConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_config(raw or {}, source=str(path))
+
+
+StudentConfig.model_rebuild()

@@ -114,6 +114,22 @@ def load_classifier(spec: str, *, label_map: dict[str, int] | None = None, trust
     return model
 
 
+def load_causal_lm(spec: str, *, trust_remote_code: bool = False):
+    """A causal LM from a spec (Hub id, local directory, GGUF file or packaged model), in float32 on the CPU.
+
+    GGUF weights are dequantised by transformers (needs the ``gguf`` package).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source.location, trust_remote_code=trust_remote_code, dtype=torch.float32, **source.kwargs()
+        )
+    except OSError as err:
+        raise FlexKDError(f"cannot load causal LM {spec!r} from {source.location}: {err}") from err
+
+
 # Config fields that name the same thing across model families.
 _SIZE_FIELDS = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),

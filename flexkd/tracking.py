@@ -5,7 +5,8 @@ run with :func:`stage_run`; all stage runs of one pipeline nest under a shared *
 travels between processes in ``FLEXKD_PIPELINE_RUN_ID`` or the file ``<project>/.flexkd/pipeline_run_id``.
 
 Students are logged as MLflow pyfunc models ("models from code": a small generated module that needs only
-mlflow, torch, transformers and pandas, not flexkd) and registered as ``flexkd-<task>`` with the aliases
+mlflow, torch, transformers and pandas, not flexkd): classifiers with :func:`log_classifier_model` (text ->
+label, score), generators with :func:`log_generator_model` (prompt -> text), and registered as ``flexkd-<task>`` with the aliases
 ``champion`` (best so far) and ``challenger`` (the latest one that did not beat it).
 
 mlflow is imported inside the functions (it takes ~1.5 s), so importing this module is cheap.
@@ -467,12 +468,141 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
 '''
 
 
+_GENERATOR_SOURCE = '''
+"""Text generator served by MLflow pyfunc: a save_pretrained causal LM -> greedy continuations of prompts."""
+
+import re
+
+import mlflow
+import pandas as pd
+
+_FIELD = re.compile(r"\\{(instruction|input)\\}")
+
+
+class TextGeneratorModel(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with "prompt" (instruction, or the document for summarization) and optionally
+    "input". Output: "text", the greedy continuation (new tokens only, special tokens skipped, stripped).
+
+    Prompts are formatted as in training: a chat template (one user message, generation prompt added) or the
+    plain Alpaca template from ``model_config``; tokenised without special tokens (the plain template gets the
+    tokenizer's BOS in front when the tokenizer puts one there), cut from the left to ``max_prompt_tokens``
+    (a leading BOS kept), left padded. ``params={"max_new_tokens": n}`` overrides the logged default.
+    """
+
+    batch_size = 8
+
+    def load_context(self, context):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        checkpoint = context.artifacts["checkpoint"]
+        config = dict(context.model_config or {})
+        self.task = str(config.get("task", "instruction"))
+        self.max_new_tokens = int(config.get("max_new_tokens", 64))
+        self.max_prompt_tokens = int(config.get("max_prompt_tokens", 512))
+        self.use_chat_template = bool(config.get("use_chat_template", False))
+        self.summary_instruction = str(config.get("summary_instruction") or "{document}")
+        self.template = str(config["template"])
+        self.template_with_input = str(config["template_with_input"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device).eval()
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            self.eos_ids = [int(tok.eos_token_id)]
+        else:
+            eos = getattr(self.model.generation_config, "eos_token_id", None)
+            self.eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else None)
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        self.pad_id = int(pad)
+        self.bos_id = None if tok.bos_token_id is None else int(tok.bos_token_id)
+        self.plain_prefix = []
+        if self.bos_id is not None:  # LLaMA-style tokenizers put BOS first; GPT-2 / BERT-style ones do not
+            ids = tok("a", add_special_tokens=True)["input_ids"]
+            if ids and ids[0] == self.bos_id:
+                self.plain_prefix = [self.bos_id]
+
+    def format_prompt(self, prompt, extra=""):
+        """The templated prompt text, as flexkd's PromptFormatter builds it in training."""
+        instruction = prompt
+        if self.task == "summarization":
+            if "{document}" in self.summary_instruction:
+                instruction = self.summary_instruction.replace("{document}", prompt)
+            else:
+                instruction = self.summary_instruction + "\\n\\n" + prompt
+        if self.use_chat_template:
+            content = instruction + ("\\n\\n" + extra if extra else "")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        values = {"instruction": instruction, "input": extra}
+        return _FIELD.sub(lambda m: values[m.group(1)], self.template_with_input if extra else self.template)
+
+    def prompt_ids(self, prompt, extra=""):
+        ids = list(self.tokenizer(self.format_prompt(prompt, extra), add_special_tokens=False)["input_ids"])
+        if not self.use_chat_template:
+            ids = self.plain_prefix + ids
+        limit = self.max_prompt_tokens
+        if len(ids) > limit:
+            if self.bos_id is not None and ids[0] == self.bos_id and limit > 1:
+                ids = [ids[0]] + ids[len(ids) - (limit - 1):]
+            else:
+                ids = ids[len(ids) - limit:]
+        if not ids:
+            ids = [self.bos_id if self.bos_id is not None else self.pad_id]
+        return ids
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            frame = model_input
+        elif isinstance(model_input, dict):
+            frame = pd.DataFrame(model_input)
+        else:
+            frame = pd.DataFrame({"prompt": list(model_input)})
+        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        prompts = ["" if p is None or p != p else str(p) for p in frame["prompt"].tolist()]
+        extras = [""] * len(prompts)
+        if "input" in frame.columns:
+            extras = ["" if v is None or v != v else str(v) for v in frame["input"].tolist()]
+        encoded = [self.prompt_ids(p, x) for p, x in zip(prompts, extras)]
+        texts = []
+        with torch.no_grad():
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start : start + self.batch_size]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, ids in enumerate(chunk):  # left padding: every prompt ends at the last column
+                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, width - len(ids):] = 1
+                generated = self.model.generate(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                )
+                for row in generated[:, width:].tolist():
+                    cut = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
+                    texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return pd.DataFrame({"text": texts})
+'''
+
+_GENERATED_MODELS = {  # class name -> (module file stem, source)
+    "TextClassifierModel": ("flexkd_text_classifier", "_MODEL_SOURCE"),
+    "TextGeneratorModel": ("flexkd_text_generator", "_GENERATOR_SOURCE"),
+}
+
+
 def __getattr__(name: str):
-    # ``flexkd.tracking.TextClassifierModel`` for direct use (tests, notebooks) without importing mlflow
-    # when this module is imported.
-    if name == "TextClassifierModel":
-        namespace: dict[str, Any] = {"__name__": "flexkd_text_classifier"}
-        exec(compile(_MODEL_SOURCE, "flexkd_text_classifier.py", "exec"), namespace)  # noqa: S102
+    # ``flexkd.tracking.TextClassifierModel`` / ``TextGeneratorModel`` for direct use (tests, notebooks)
+    # without importing mlflow when this module is imported.
+    if name in _GENERATED_MODELS:
+        module, source = _GENERATED_MODELS[name]
+        namespace: dict[str, Any] = {"__name__": module}
+        exec(compile(globals()[source], f"{module}.py", "exec"), namespace)  # noqa: S102
         globals()[name] = namespace[name]
         return namespace[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -502,6 +632,46 @@ def model_requirements() -> list[str]:
     ]
 
 
+def _log_code_model(
+    checkpoint_dir: str | Path,
+    *,
+    artifact_path: str,
+    class_name: str,
+    model_config: Mapping[str, Any],
+    signature,
+    input_example,
+) -> str:
+    """Log one of the generated pyfunc modules ("model from code") with the checkpoint as the artifact
+    ``checkpoint``, ``model_config`` and the pinned requirements, into the active run; return the model URI."""
+    import mlflow
+    import mlflow.pyfunc
+
+    run_id = _active_run_id()
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FlexKDError(f"{checkpoint_dir}: not a save_pretrained checkpoint (no config.json)")
+    module, source = _GENERATED_MODELS[class_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        # The checkpoint is logged under the fixed name "checkpoint" (the model card's load path relies on it);
+        # hard links where possible, so no weights are copied twice.
+        staged = Path(tmp) / "checkpoint"
+        shutil.copytree(checkpoint_dir, staged, copy_function=_link_or_copy)
+        code = Path(tmp) / f"{module}.py"
+        code.write_text(globals()[source] + f"\nmlflow.models.set_model({class_name}())\n")
+        info = mlflow.pyfunc.log_model(
+            name=artifact_path,
+            python_model=str(code),
+            artifacts={"checkpoint": str(staged)},
+            model_config=dict(model_config),
+            pip_requirements=model_requirements(),
+            signature=signature,
+            input_example=input_example,
+        )
+    if info.run_id and info.run_id != run_id:  # pragma: no cover - defensive
+        raise FlexKDError(f"model logged to run {info.run_id}, expected {run_id}")
+    return info.model_uri
+
+
 def log_classifier_model(
     checkpoint_dir: str | Path,
     *,
@@ -516,43 +686,138 @@ def log_classifier_model(
     The URI is the LoggedModel's ``models:/m-...`` URI, which ``mlflow.register_model`` and
     ``mlflow.pyfunc.load_model`` accept. ``artifact_path`` is the model's name within the run.
     """
-    import mlflow
-    import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    run_id = _active_run_id()
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise FlexKDError(f"{checkpoint_dir}: not a save_pretrained checkpoint (no config.json)")
     inputs = [ColSpec("string", "text")]
     if text_pair:
         inputs.append(ColSpec("string", "text_pair", required=False))
     signature = ModelSignature(
         inputs=Schema(inputs), outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")])
     )
-    example = pd.DataFrame({"text": list(input_example_texts)})
-    with tempfile.TemporaryDirectory() as tmp:
-        # The checkpoint is logged under the fixed name "checkpoint" (the model card's load path relies on it);
-        # hard links where possible, so no weights are copied twice.
-        staged = Path(tmp) / "checkpoint"
-        shutil.copytree(checkpoint_dir, staged, copy_function=_link_or_copy)
-        code = Path(tmp) / "flexkd_text_classifier.py"
-        code.write_text(_MODEL_SOURCE + "\nmlflow.models.set_model(TextClassifierModel())\n")
-        info = mlflow.pyfunc.log_model(
-            name=artifact_path,
-            python_model=str(code),
-            artifacts={"checkpoint": str(staged)},
-            model_config={"label_map": {str(k): int(v) for k, v in label_map.items()},
-                          "max_length": int(max_length)},
-            pip_requirements=model_requirements(),
-            signature=signature,
-            input_example=example,
-        )
-    if info.run_id and info.run_id != run_id:  # pragma: no cover - defensive
-        raise FlexKDError(f"model logged to run {info.run_id}, expected {run_id}")
-    return info.model_uri
+    return _log_code_model(
+        checkpoint_dir,
+        artifact_path=artifact_path,
+        class_name="TextClassifierModel",
+        model_config={"label_map": {str(k): int(v) for k, v in label_map.items()}, "max_length": int(max_length)},
+        signature=signature,
+        input_example=pd.DataFrame({"text": list(input_example_texts)}),
+    )
+
+
+def _prompt_templates() -> dict[str, str]:
+    """The plain (Alpaca) prompt templates of ``flexkd.data.generation`` with ``{instruction}`` / ``{input}``
+    fields, and its default summary instruction: copied as values into the logged model's config, so the
+    served model formats prompts exactly as training did without importing flexkd."""
+    from flexkd.data import generation as g
+
+    return {
+        "template": f"{g.ALPACA_HEADER}### Instruction:\n{{instruction}}\n\n### Response:\n",
+        "template_with_input": (
+            f"{g.ALPACA_HEADER_WITH_INPUT}### Instruction:\n{{instruction}}\n\n### Input:\n{{input}}\n\n"
+            "### Response:\n"
+        ),
+        "default_summary_instruction": g.DEFAULT_SUMMARY_INSTRUCTION,
+    }
+
+
+def log_generator_model(
+    checkpoint_dir: str | Path,
+    *,
+    artifact_path: str = "model",
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    use_chat_template: bool,
+    summary_instruction: str | None,
+    task: str,
+    input_example_prompts: list[str],
+) -> str:
+    """Log a ``save_pretrained`` causal LM (model + tokenizer) as an MLflow pyfunc text generator; return its URI.
+
+    ``predict`` takes a DataFrame with ``prompt`` (the instruction; the document for ``task="summarization"``)
+    and optionally ``input``, and returns a DataFrame with ``text``: the greedy continuation (left padded,
+    stopped at EOS, new tokens only). Prompts are formatted as training formatted them
+    (``flexkd.data.generation.PromptFormatter``): the tokenizer's chat template when ``use_chat_template``,
+    else the Alpaca template; for summarization ``summary_instruction`` (None: the default one) with
+    ``{document}`` replaced by the prompt. The prompt keeps its last ``max_prompt_tokens`` tokens;
+    ``params={"max_new_tokens": n}`` overrides ``max_new_tokens`` per call. The model needs no flexkd.
+    """
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if task not in ("instruction", "summarization"):
+        raise FlexKDError(f"task must be 'instruction' or 'summarization', got {task!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FlexKDError(f"{name} must be an int >= 1, got {value!r}")
+    checkpoint_dir = Path(checkpoint_dir)
+    if use_chat_template:
+        from transformers import AutoTokenizer
+
+        if not getattr(AutoTokenizer.from_pretrained(checkpoint_dir), "chat_template", None):
+            raise FlexKDError(f"{checkpoint_dir}: use_chat_template=True but the tokenizer has no chat template")
+    templates = _prompt_templates()
+    if summary_instruction is None:
+        summary_instruction = templates["default_summary_instruction"]
+    model_config = {
+        "task": task,
+        "max_new_tokens": int(max_new_tokens),
+        "max_prompt_tokens": int(max_prompt_tokens),
+        "use_chat_template": bool(use_chat_template),
+        "summary_instruction": str(summary_instruction),
+        "template": templates["template"],
+        "template_with_input": templates["template_with_input"],
+    }
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "input", required=False)]),
+        outputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
+    )
+    return _log_code_model(
+        checkpoint_dir,
+        artifact_path=artifact_path,
+        class_name="TextGeneratorModel",
+        model_config=model_config,
+        signature=signature,
+        input_example=pd.DataFrame({"prompt": list(input_example_prompts)}),
+    )
+
+
+def log_text_table(df, artifact_file: str, *, run_id: str | None = None) -> None:
+    """Log a DataFrame (e.g. prompt / reference / teacher / student samples) as an MLflow table artifact
+    (``mlflow.load_table`` / the UI's artifact view) to ``run_id`` or the active run.
+
+    ``artifact_file`` is run-relative and ends in ``.json`` (or ``.parquet``). Lists and tuples in a cell
+    are joined with `` || ``, dicts become JSON, None / NaN become ``""``. As in MLflow, logging to an
+    existing table file appends the rows.
+    """
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    run_id = _active_run_id(run_id)
+    if not str(artifact_file).endswith((".json", ".parquet")):
+        raise FlexKDError(f"table artifact {artifact_file!r} must end in .json or .parquet")
+    if not isinstance(df, pd.DataFrame):
+        df = pd.DataFrame(df)
+
+    def cell(value):
+        if isinstance(value, (list, tuple)):
+            return " || ".join(str(v) for v in value)
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False, default=str)
+        if value is None or (isinstance(value, float) and value != value):
+            return ""
+        return value
+
+    table = df.reset_index(drop=True).copy()
+    for column in table.columns:
+        if pd.api.types.is_object_dtype(table[column]) or pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].astype(object).map(cell)
+    mlflow.MlflowClient().log_table(run_id, table, str(artifact_file))
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -671,6 +936,14 @@ def _kv_lines(items: Mapping[str, Any], first: list[tuple[str, str]]) -> list[st
     return lines
 
 
+_TASK_FORMATS = ("classification", "instruction", "summarization")
+_USE = {
+    "classification": "Text classification",
+    "instruction": "Instruction following (text generation)",
+    "summarization": "Summarization (text generation)",
+}
+
+
 def model_card(
     *,
     task: str,
@@ -682,8 +955,14 @@ def model_card(
     selected_units: list[int] | None,
     relevance: Mapping[str, Any] | None,
     loss_weights: Mapping[str, float] | None = None,
+    task_format: str = "classification",
 ) -> str:
     """Markdown model card of a registered student.
+
+    ``task_format``: ``classification`` (default; metrics as given, loading with
+    ``AutoModelForSequenceClassification``, pyfunc input ``text``) or ``instruction`` / ``summarization``
+    (a generation student: ``metrics`` rendered as the ROUGE-L table, loading with ``AutoModelForCausalLM``,
+    pyfunc input ``prompt`` and output ``text``).
 
     The dicts are rendered as bullet lists: known keys first with readable labels (teacher: id/spec,
     hash/weights_hash, parameters, metric, score, test; student: architecture, parameters, hidden_size,
@@ -691,6 +970,9 @@ def model_card(
     hash), then any other keys as they are; nested dicts render as ``k=v, ...``. ``loss_weights`` (or ``student["loss_weights"]``)
     goes under Method.
     """
+    if task_format not in _TASK_FORMATS:
+        raise FlexKDError(f"task_format must be one of {_TASK_FORMATS}, got {task_format!r}")
+    generation = task_format != "classification"
     student = dict(student)
     loss_weights = loss_weights if loss_weights is not None else student.pop("loss_weights", None)
     student.pop("loss_weights", None)
@@ -699,7 +981,7 @@ def model_card(
         f"# {name}: Flex-KD student for `{task}`",
         "",
         "## Intended use",
-        f"Text classification for the task `{task}`: a small student distilled from a fine-tuned teacher with "
+        f"{_USE[task_format]} for the task `{task}`: a small student distilled from a fine-tuned teacher with "
         f"the `{method}` method. Use it where the teacher is too large or slow; check the metrics below on "
         "data like yours first. Not evaluated outside the data described here.",
         "",
@@ -724,7 +1006,15 @@ def model_card(
     ]
     if loss_weights:
         lines.append(f"- **Loss weights**: {_fmt(loss_weights)}")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    if generation:
+        lines += [
+            "", "## Metrics", "",
+            "ROUGE-L F-measure (best over each example's references, Porter stemming), averaged, in points "
+            "(x 100); greedy decoding unless stated otherwise.",
+            "", "| metric | value |", "|---|---|",
+        ]
+    else:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     lines += ["", "## Selected teacher units"]
     if selected_units:
@@ -734,22 +1024,35 @@ def model_card(
         lines.append("- none (this method does not select teacher units)")
     if relevance:
         lines += _kv_lines(relevance, [("path", "Relevance index"), ("hash", "Index hash")])
+    pyfunc_call = (
+        'model.predict(pd.DataFrame({"prompt": ["an example"]}))  # -> column text; '
+        'params={"max_new_tokens": n} to change the length'
+        if generation
+        else 'model.predict(pd.DataFrame({"text": ["an example"]}))  # -> columns label, score'
+    )
+    auto_class = "AutoModelForCausalLM" if generation else "AutoModelForSequenceClassification"
     lines += [
         "",
         "## How to load",
         "```python",
         "import mlflow.pyfunc, pandas as pd",
         f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
-        'model.predict(pd.DataFrame({"text": ["an example"]}))  # -> columns label, score',
+        pyfunc_call,
         "```",
         "Or plain transformers, from the model's `checkpoint` artifact:",
         "```python",
         "import mlflow",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f"from transformers import {auto_class}, AutoTokenizer",
         f'path = mlflow.artifacts.download_artifacts("models:/{name}@champion") + "/artifacts/checkpoint"',
-        "model = AutoModelForSequenceClassification.from_pretrained(path)",
+        f"model = {auto_class}.from_pretrained(path)",
         "tokenizer = AutoTokenizer.from_pretrained(path)",
         "```",
-        "",
     ]
+    if generation:
+        lines.append(
+            "The pyfunc model formats prompts as training did (the tokenizer's chat template, or the Alpaca "
+            "template; for summarization the summary instruction around the document) and decodes greedily; "
+            "with plain transformers, format the prompt the same way."
+        )
+    lines.append("")
     return "\n".join(lines)

@@ -295,19 +295,29 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def classification_loss(model: nn.Module) -> LossFn:
-    """Task cross-entropy of a classifier (teacher fine-tuning)."""
-    from flexkd.losses import task_ce
+def task_loss(model: nn.Module) -> LossFn:
+    """The task loss alone (teacher fine-tuning): cross-entropy for a classifier, response NLL for a causal LM."""
+    from flexkd.losses import response_nll, task_ce
 
     def step(batch: dict):
-        loss = task_ce(model(**_model_inputs(batch)).logits, batch["labels"])
+        logits = model(**_model_inputs(batch)).logits
+        loss = task_ce(logits, batch["labels"]) if logits.dim() == 2 else response_nll(logits, batch["labels"])
         return loss, {"task": loss.detach(), "total": loss.detach()}
 
     return step
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module | None, objective: nn.Module) -> LossFn:
-    """The DistillObjective of one method: the teacher runs frozen, without gradients, inside the step."""
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    objective: nn.Module,
+    feature_mask: Callable[[dict], torch.Tensor] = lambda batch: batch["attention_mask"],
+) -> LossFn:
+    """The DistillObjective of one method: the teacher runs frozen, without gradients, inside the step.
+
+    ``feature_mask`` picks the positions whose hidden states are compared (classification: every non-pad
+    token; generation: the response positions).
+    """
     needs_hidden = getattr(objective, "needs_teacher_hidden", False)
     if teacher is not None:
         teacher.eval()
@@ -326,7 +336,7 @@ def distillation_loss(student: nn.Module, teacher: nn.Module | None, objective: 
             student_logits=out.logits,
             student_hidden=out.hidden_states[-1] if needs_hidden else None,
             labels=batch["labels"],
-            feature_mask=batch["attention_mask"],
+            feature_mask=feature_mask(batch),
             teacher_logits=teacher_logits,
             teacher_hidden=teacher_hidden,
         )

@@ -46,11 +46,11 @@ class Paths:
     def teacher(self) -> Path:
         return self.root / self.runs_dir / "teacher" / self.task
 
-    def student(self, method: str) -> Path:
-        return self.root / self.runs_dir / "students" / self.task / method
+    def student(self, student: str, method: str) -> Path:
+        return self.root / self.runs_dir / "students" / self.task / student / method
 
-    def distill_metrics(self, method: str) -> Path:
-        return self.root / "metrics" / "distill" / f"{method}.json"
+    def distill_metrics(self, student: str, method: str) -> Path:
+        return self.root / "metrics" / "distill" / student / f"{method}.json"
 
     @property
     def evaluation(self) -> Path:
@@ -99,6 +99,7 @@ def cli(description: str, method: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=None, help="params file (default: params.yaml in the project root)")
     if method:
+        parser.add_argument("--student", required=True, help="a student set-up named under `students` in params")
         parser.add_argument("--method", required=True, help="distillation method: ft, kd, projector, cka or flexkd")
     return parser.parse_args()
 
@@ -112,7 +113,7 @@ def run_cli(flow_fn, description: str, method: bool = False) -> None:
     args = cli(description, method)
     kwargs = {"params": args.params}
     if method:
-        kwargs["method"] = args.method
+        kwargs.update(student=args.student, method=args.method)
     try:
         flow_fn(**kwargs)
     except FlexKDError as err:

@@ -1,7 +1,9 @@
 """Stage 3: fine-tune the teacher on the task; keep the checkpoint that scores best on the validation split.
 
-Writes runs/teacher/<task>/ (a save_pretrained directory plus flexkd_teacher.json: the spec it came from, its
-weights hash, validation scores). With teacher.finetune.enabled false, the teacher is saved as given.
+Classification: cross-entropy on labels, selected by the primary metric. Generation: next-token NLL on the
+response tokens only, selected by validation NLL. Writes runs/teacher/<task>/ (a save_pretrained directory
+plus flexkd_teacher.json: the spec it came from, its weights hash, validation scores). With
+teacher.finetune.enabled false, the teacher is saved as given (e.g. an instruction-tuned LLM).
 """
 
 from __future__ import annotations
@@ -14,43 +16,42 @@ from flows.common import fingerprint, load_params, paths_for, run_cli, write_jso
 @flow(name="flexkd-finetune-teacher", log_prints=True)
 def finetune_teacher_flow(params: str | None = None) -> dict:
     from flexkd import tracking
-    from flexkd.data.prepare import load_label_map, split_fingerprint
-    from flexkd.data.task import tokenized_split
-    from flexkd.data.tokenize import PadCollator
-    from flexkd.evaluate import evaluate_classifier
-    from flexkd.models import count_parameters, load_classifier, load_tokenizer, save_checkpoint
+    from flexkd.data.prepare import split_fingerprint
+    from flexkd.models import count_parameters, load_tokenizer, save_checkpoint
     from flexkd.provenance import weights_hash
-    from flexkd.train import classification_loss, set_threads, train_loop
+    from flexkd.tasks import task_for
+    from flexkd.train import set_threads, task_loss, train_loop
 
     cfg = load_params(params)
     paths = paths_for(cfg)
+    task = task_for(cfg)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
     teacher_cfg = cfg.teacher
     with tracking.stage_run("finetune_teacher", project_root=paths.root, experiment=cfg.project.experiment,
                             params={"teacher": teacher_cfg.model_dump(), "seed": cfg.project.seed}):
-        label_map = load_label_map(paths.prepared)
         data_fp = split_fingerprint(paths.prepared)
         tokenizer = load_tokenizer(teacher_cfg.model, trust_remote_code=teacher_cfg.trust_remote_code)
-        model = load_classifier(teacher_cfg.model, label_map=label_map, trust_remote_code=teacher_cfg.trust_remote_code, seed=cfg.project.seed)
-        collate = PadCollator(tokenizer.pad_token_id)
-        validation = tokenized_split(paths.prepared, "validation", tokenizer, teacher_cfg.max_length)
-        metric = cfg.evaluate.primary_metric
+        model = task.load_model(teacher_cfg.model, paths.prepared)
+        collate = task.collate(tokenizer)
+        validation = task.features(paths.prepared, "validation", tokenizer)
+        metric = task.selection_metric
         summary = {"spec": teacher_cfg.model, "parameters": count_parameters(model), "data_fingerprint": data_fp,
-                   "finetuned": teacher_cfg.finetune.enabled, "primary_metric": metric}
+                   "finetuned": teacher_cfg.finetune.enabled, "selection_metric": metric}
         if teacher_cfg.finetune.enabled:
-            train = tokenized_split(paths.prepared, "train", tokenizer, teacher_cfg.max_length)
-            run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.project.seed, data_fp)
+            train = task.features(paths.prepared, "train", tokenizer)
+            run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.generation.model_dump(),
+                                 cfg.project.seed, data_fp)
             result = train_loop(
-                model=model, loss_fn=classification_loss(model), train_data=train, collate=collate,
+                model=model, loss_fn=task_loss(model), train_data=train, collate=collate,
                 settings=teacher_cfg.finetune, seed=cfg.project.seed, work_dir=paths.scratch("teacher", run_fp),
-                fingerprint=run_fp, evaluate=lambda m: evaluate_classifier(m, validation, collate, cfg.evaluate.batch_size),
+                fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
                 select_metric=metric, log=tracking.log_metrics, desc="teacher",
             )
             summary.update(best_step=result.state.best_step, steps=result.total_steps,
                            train_seconds=round(result.state.train_seconds, 2), resumed_from=result.resumed_from)
-        scores = evaluate_classifier(model, validation, collate, cfg.evaluate.batch_size)
+        scores = task.validation_scores(model, validation, collate)
         tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
         save_checkpoint(model, tokenizer, paths.teacher)
         summary.update(validation=scores, weights_hash=weights_hash(paths.teacher))

