@@ -55,7 +55,12 @@ class DataConfig(_Strict):
     )
     source: Literal["local", "hub"] = Field("local", description="local: files under data_dir; hub: a Hugging Face dataset id.")
     train_file: str | None = Field(None, description="Training file, relative to data_dir (tsv, csv, jsonl, json).")
-    test_file: str | None = Field(None, description="Held-out evaluation file, relative to data_dir; reported metrics come from it.")
+    test_file: str | None = Field(
+        None, description="Held-out evaluation file, relative to data_dir; reported metrics come from it. None: test_size rows of train."
+    )
+    test_size: int | float | None = Field(
+        None, gt=0, description="With no test file (or hub test split): rows (int) or fraction (float < 1) of train held out as test, seeded."
+    )
     file_format: Literal["tsv", "csv", "jsonl", "json"] | None = Field(None, description="File format; None: from the extension.")
     header: bool = Field(True, description="Whether tsv/csv files have a header row.")
     hub_id: str | None = Field(None, description="Hugging Face dataset id (source: hub), e.g. 'glue'.")
@@ -73,11 +78,16 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _source_fields(self):
         if self.source == "local":
-            for key in ("train_file", "test_file"):
-                if not getattr(self, key):
-                    raise ValueError(f"data.{key} is required when data.source is 'local'")
+            if not self.train_file:
+                raise ValueError("data.train_file is required when data.source is 'local'")
+            if not self.test_file and not self.test_size:
+                raise ValueError("data.test_file or data.test_size is required when data.source is 'local'")
         elif not self.hub_id:
             raise ValueError("data.hub_id is required when data.source is 'hub'")
+        if self.test_file and self.test_size:
+            raise ValueError("data.test_file and data.test_size exclude each other: the test split comes from one of them")
+        if isinstance(self.test_size, float) and not 0 < self.test_size < 1:
+            raise ValueError("data.test_size: a float must be a fraction in (0, 1)")
         if isinstance(self.validation_size, float) and not 0 < self.validation_size < 1:
             raise ValueError("data.validation_size: a float must be a fraction in (0, 1)")
         needed = ("text", "label") if self.format == "classification" else ("prompt", "response")
@@ -150,6 +160,7 @@ class StudentConfig(_Strict):
     hidden_size: int = Field(192, gt=0, description="Hidden size d_S (= k, the number of teacher units selected).")
     num_heads: int | None = Field(4, gt=0, description="Attention heads (random: hidden_size must divide by it; prune: query heads kept, None: the family default).")
     num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads of a random-init GQA student (None: as many as num_heads).")
+    head_dim: int | None = Field(None, gt=0, description="Width of a random-init student's attention heads, where the family allows it (None: hidden_size / num_heads).")
     intermediate_size: int | None = Field(768, gt=0, description="MLP width (prune: channels kept, by importance; None: all).")
     prune_layers: list[int] | None = Field(None, description="prune: teacher layers to keep, ascending (None: num_layers evenly spaced, first and last kept).")
     prune_importance: Literal["activations", "weights"] = Field(

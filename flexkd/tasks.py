@@ -74,6 +74,10 @@ class Task:
         )
         if scfg.num_kv_heads is not None and hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = scfg.num_kv_heads
+        if scfg.head_dim is not None:
+            if not hasattr(config, "head_dim"):
+                raise ConfigError(f"students.*.head_dim: a {config.model_type} model has no separate head width")
+            config.head_dim = scfg.head_dim
         torch.manual_seed(seed)
         return self.model_class().from_config(config), None
 
@@ -93,9 +97,10 @@ class ClassificationTask(Task):
 
     # -- data -----------------------------------------------------------------------------------------
     def load_raw(self):
-        from flexkd.data.task import load_raw_splits
+        from flexkd.data.task import hold_out_test, load_raw_splits
 
-        return load_raw_splits(self.cfg.data)
+        keys = ["text"] + (["text_pair"] if self.cfg.data.columns.text_pair is not None else [])
+        return hold_out_test(load_raw_splits(self.cfg.data), self.cfg.data, self.cfg.project.seed, keys)
 
     def validate(self, splits):
         from flexkd.data.task import validation_settings
@@ -186,20 +191,23 @@ class GenerationTask(Task):
 
     def load_raw(self):
         from flexkd.data.generation import load_generation_hub, load_generation_table
-        from flexkd.data.task import source_files
+        from flexkd.data.task import hold_out_test, source_files
 
         data = self.cfg.data
         if data.source == "hub":
-            return {
+            names = {"train": data.hub_train_split, **({} if data.test_size else {"test": data.hub_test_split})}
+            splits = {
                 split: load_generation_hub(data.hub_id, columns=self._columns(), task=data.format, split=name,
                                            config=data.hub_config)
-                for split, name in (("train", data.hub_train_split), ("test", data.hub_test_split))
+                for split, name in names.items()
             }
-        return {
+            return hold_out_test(splits, data, self.cfg.project.seed, ["prompt", "input"])
+        splits = {
             split: load_generation_table(path, columns=self._columns(), task=data.format, fmt=data.file_format,
                                          header=data.header)
             for split, path in source_files(data).items()
         }
+        return hold_out_test(splits, data, self.cfg.project.seed, ["prompt", "input"])
 
     def validate(self, splits):
         from flexkd.data.generation import GenerationValidationSettings, validate_generation

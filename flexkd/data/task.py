@@ -17,34 +17,68 @@ def column_map(data: DataConfig) -> ColumnMap:
 
 
 def source_files(data: DataConfig) -> dict[str, Path]:
-    """The local raw files of the train and test splits (source: local)."""
+    """The local raw files of the train and test splits (source: local; test only when a test file is set)."""
     root = resolve_data_dir(data.data_dir)
-    return {"train": root / data.train_file, "test": root / data.test_file}
+    files = {"train": root / data.train_file}
+    if data.test_file:
+        files["test"] = root / data.test_file
+    return files
+
+
+def hold_out_test(splits: dict[str, pd.DataFrame], data: DataConfig, seed: int, keys: list[str]) -> dict[str, pd.DataFrame]:
+    """When there is no test file: move ``data.test_size`` rows of train (seeded) into a test split.
+
+    Rows whose ``keys`` (the text columns) repeat in train are held out or kept together, so the two splits
+    share no text.
+    """
+    if "test" in splits and not data.test_size:
+        return splits
+    if not data.test_size:
+        raise ValueError("no test split: set data.test_file or data.test_size")
+    import numpy as np
+
+    train = splits["train"]
+    groups = train[keys].astype(str).agg("\u241f".join, axis=1)
+    unique = groups.drop_duplicates()
+    n_test = data.test_size if isinstance(data.test_size, int) else int(round(len(unique) * data.test_size))
+    if not 0 < n_test < len(unique):
+        from flexkd.errors import ConfigError
+
+        raise ConfigError(f"data.test_size={data.test_size}: {n_test} of {len(unique)} distinct training rows cannot be held out")
+    rng = np.random.default_rng(seed)
+    test_keys = set(unique.iloc[np.sort(rng.choice(len(unique), size=n_test, replace=False))])
+    is_test = groups.isin(test_keys)
+    return {"train": train[~is_test].reset_index(drop=True), "test": train[is_test].reset_index(drop=True)}
 
 
 def load_raw_splits(data: DataConfig) -> dict[str, pd.DataFrame]:
     """``{"train": df, "test": df}`` with columns text, label[, text_pair], source_file, source_row."""
     columns = column_map(data)
     if data.source == "hub":
-        return {
-            "train": load_hub(data.hub_id, columns=columns, split=data.hub_train_split, config=data.hub_config),
-            "test": load_hub(data.hub_id, columns=columns, split=data.hub_test_split, config=data.hub_config),
-        }
-    return {
+        splits = {"train": load_hub(data.hub_id, columns=columns, split=data.hub_train_split, config=data.hub_config)}
+        if not data.test_size:
+            splits["test"] = load_hub(data.hub_id, columns=columns, split=data.hub_test_split, config=data.hub_config)
+        return splits
+    splits = {
         split: load_table(path, columns=columns, fmt=data.file_format, header=data.header)
         for split, path in source_files(data).items()
     }
+    return splits
 
 
 def describe_sources(data: DataConfig, splits: dict[str, pd.DataFrame]) -> dict:
     """What the raw data was: file, sha256 and rows per split (hub: dataset id and split)."""
-    out = {}
+    out: dict = {"test_size": data.test_size} if data.test_size else {}
     if data.source == "hub":
         for split, name in (("train", data.hub_train_split), ("test", data.hub_test_split)):
-            out[split] = {"hub_id": data.hub_id, "config": data.hub_config, "split": name, "rows": len(splits[split])}
+            held_out = split == "test" and data.test_size
+            out[split] = {"hub_id": data.hub_id, "config": data.hub_config, "rows": len(splits[split]),
+                          "split": f"{data.hub_train_split} (held out)" if held_out else name}
         return out
     for split, path in source_files(data).items():
         out[split] = {"file": str(path), "sha256": sha256_file(path), "rows": len(splits[split])}
+    if "test" not in out:
+        out["test"] = {"held_out_from": "train", "rows": len(splits["test"])}
     return out
 
 

