@@ -106,6 +106,14 @@ class ValidationConfig(_Strict):
     max_chars: int = Field(2000, ge=1, description="Longest allowed text, in characters.")
     max_duplicate_rate: float = Field(0.02, ge=0, le=1, description="Largest allowed share of duplicate texts in a split.")
     check_overlap: bool = Field(True, description="Fail when a test text also appears in train.")
+    max_invalid_rate: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="Share of rows that may fail a row-level check (empty or over-long text) before the split fails; "
+        "such rows are dropped by prepare and counted in its manifest. 0: any bad row stops the pipeline.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Generation: the longest templated prompt, in tokens (None: no bound; training truncates at generation.max_prompt_tokens)."
+    )
     sample_rows: int = Field(5, ge=1, le=100, description="Rows shown per failed expectation in the report.")
 
 
@@ -167,6 +175,7 @@ class StudentConfig(_Strict):
         "activations", description="prune: rank heads and MLP channels by mean |activation| on training data, or by weight norms."
     )
     alpha: float | None = Field(None, ge=0, le=1, description="Override of distill.alpha for this student.")
+    lr: float | None = Field(None, gt=0, lt=1, description="Override of distill.train.lr (a pruned student starts trained: it wants a smaller one).")
     feature_weight: "FeatureWeights | None" = Field(None, description="Override of distill.feature_weight for this student.")
 
     @model_validator(mode="after")

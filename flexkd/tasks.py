@@ -47,6 +47,15 @@ class Task:
     def selection_metric(self) -> str:
         raise NotImplementedError
 
+    def _drop_invalid(self, splits: dict, columns: list[str]) -> tuple[dict, dict[str, list[int]]]:
+        from flexkd.data.task import drop_invalid_rows
+
+        v = self.cfg.validation
+        kept, dropped = {}, {}
+        for name, frame in splits.items():
+            kept[name], dropped[name] = drop_invalid_rows(frame, columns, v.min_chars, v.max_chars)
+        return kept, dropped
+
     # -- students ----------------------------------------------------------------------------------------
     def build_student(self, teacher, scfg: StudentConfig, *, seed: int, selected_units: list[int], calibration=None):
         """A student of the teacher's family: random init, loaded from a path, or pruned from the teacher.
@@ -82,6 +91,15 @@ class Task:
         return self.model_class().from_config(config), None
 
 
+def _record_dropped(out_dir: Path, manifest: dict, dropped: dict[str, list[int]]) -> dict:
+    """Add the rows dropped as invalid (source lines per split) to the prepared manifest."""
+    import json
+
+    manifest["dropped_invalid_rows"] = {split: sorted(rows) for split, rows in dropped.items()}
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
 class ClassificationTask(Task):
     relevance_task = "classification"
     is_generation = False
@@ -113,11 +131,14 @@ class ClassificationTask(Task):
         from flexkd.data.sources import build_label_map
 
         data = self.cfg.data
+        columns = ["text"] + (["text_pair"] if data.columns.text_pair is not None else [])
+        splits, dropped = self._drop_invalid(splits, columns)
         label_map = build_label_map(splits["train"]["label"], data.labels)
-        return prepare_classification(
+        manifest = prepare_classification(
             splits["train"], splits["test"], out_dir, label_map=label_map, validation_size=data.validation_size,
             max_train=data.max_train, max_test=data.max_test, seed=self.cfg.project.seed,
         )
+        return _record_dropped(out_dir, manifest, dropped)
 
     # -- models ---------------------------------------------------------------------------------------
     def load_model(self, spec: str, prepared_dir: Path | None = None):
@@ -213,11 +234,11 @@ class GenerationTask(Task):
         from flexkd.data.generation import GenerationValidationSettings, validate_generation
         from flexkd.models import load_tokenizer
 
-        v, g = self.cfg.validation, self.cfg.generation
+        v = self.cfg.validation
         settings = GenerationValidationSettings(
-            min_chars=v.min_chars, max_chars=v.max_chars, max_prompt_tokens=g.max_prompt_tokens,
+            min_chars=v.min_chars, max_chars=v.max_chars, max_prompt_tokens=v.max_prompt_tokens,
             max_response_tokens=None, max_duplicate_rate=v.max_duplicate_rate, check_overlap=v.check_overlap,
-            sample_rows=v.sample_rows,
+            sample_rows=v.sample_rows, max_invalid_rate=v.max_invalid_rate,
         )
         tokenizer = load_tokenizer(self.cfg.teacher.model, trust_remote_code=self.cfg.teacher.trust_remote_code)
         return validate_generation(splits, settings, tokenizer=tokenizer, formatter=self.formatter(tokenizer))
@@ -226,10 +247,16 @@ class GenerationTask(Task):
         from flexkd.data.generation import prepare_generation
 
         data = self.cfg.data
-        return prepare_generation(
+        splits, dropped = self._drop_invalid(splits, ["prompt", "response"])
+        for name, frame in splits.items():  # an empty reference makes a row invalid too
+            empty_ref = frame["references"].map(lambda refs: not refs or any(not str(r).strip() for r in refs))
+            dropped[name] += [int(r) for r in frame.loc[empty_ref, "source_row"]]
+            splits[name] = frame[~empty_ref].reset_index(drop=True)
+        manifest = prepare_generation(
             splits["train"], splits["test"], out_dir, task=data.format, validation_size=data.validation_size,
             max_train=data.max_train, max_test=data.max_test, seed=self.cfg.project.seed,
         )
+        return _record_dropped(out_dir, manifest, dropped)
 
     # -- models ---------------------------------------------------------------------------------------
     def load_model(self, spec: str, prepared_dir: Path | None = None):

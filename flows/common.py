@@ -12,10 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from flexkd.config import FlexKDConfig, load_config  # noqa: E402
+from flexkd.config import FlexKDConfig, load_config
 
 
 def project_root() -> Path:

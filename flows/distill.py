@@ -73,9 +73,10 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
     tracking.check_reachable()
     dcfg, scfg = cfg.distill, cfg.student(student)
     alpha = scfg.alpha if scfg.alpha is not None else dcfg.alpha
+    train_settings = dcfg.train.model_copy(update={"lr": scfg.lr}) if scfg.lr is not None else dcfg.train
     weights = scfg.feature_weight or dcfg.feature_weight
     stage_params = {"student_name": student, "method": method, "distill": dcfg.model_dump(), "student": scfg.model_dump(),
-                    "alpha": alpha, "beta": getattr(weights, method, 0.0), "seed": cfg.project.seed}
+                    "alpha": alpha, "beta": getattr(weights, method, 0.0), "lr": train_settings.lr, "seed": cfg.project.seed}
     if task.is_generation:
         stage_params["generation"] = cfg.generation.model_dump()
     with tracking.stage_run(f"distill-{student}", project_root=paths.root, experiment=cfg.project.experiment,
@@ -115,7 +116,7 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
             model=model,
             loss_fn=distillation_loss(model, teacher if objective.needs_teacher else None, objective, task.feature_mask),
             extra=objective if any(True for _ in objective.parameters()) else None,
-            train_data=train, collate=collate, settings=dcfg.train, seed=cfg.project.seed,
+            train_data=train, collate=collate, settings=train_settings, seed=cfg.project.seed,
             work_dir=paths.scratch(f"distill-{student}-{method}", run_fp), fingerprint=run_fp,
             evaluate=lambda m: task.validation_scores(m, validation, collate),
             select_metric=metric, log=tracking.log_metrics, desc=f"distill {student}/{method}",

@@ -559,6 +559,7 @@ class GenerationValidationSettings:
     max_prompt_tokens: int | None = None
     max_response_tokens: int | None = None
     max_duplicate_rate: float = 0.05
+    max_invalid_rate: float = 0.0  # share of rows a row-level expectation may fail (GX ``mostly``); prepare drops them
     check_overlap: bool = True
     sample_rows: int = 5
 
@@ -621,13 +622,14 @@ def _build_generation_suite(gx, name: str, frame: pd.DataFrame, settings: Genera
     suite.add_expectation(E.ExpectTableRowCountToBeBetween(min_value=1))
     for column in ("prompt", "input", "response", "references"):
         suite.add_expectation(E.ExpectColumnToExist(column=column if column != "references" else "reference_count"))
+    mostly = 1.0 - settings.max_invalid_rate
     for column in ("prompt", "response"):
         if column in frame.columns:
-            suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
-            suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=column, regex=r"^\s*$"))
+            suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column, mostly=mostly))
+            suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=column, regex=r"^\s*$", mostly=mostly))
             suite.add_expectation(
                 E.ExpectColumnValueLengthsToBeBetween(
-                    column=column, min_value=settings.min_chars, max_value=settings.max_chars
+                    column=column, min_value=settings.min_chars, max_value=settings.max_chars, mostly=mostly
                 )
             )
     if "input" in frame.columns:
@@ -635,12 +637,14 @@ def _build_generation_suite(gx, name: str, frame: pd.DataFrame, settings: Genera
             E.ExpectColumnValueLengthsToBeBetween(column="input", min_value=0, max_value=settings.max_chars)
         )
     if "reference_count" in frame.columns:
-        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="reference_count", min_value=1))
-        suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=_SHORTEST_REF, regex=r"^\s*$"))
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="reference_count", min_value=1, mostly=mostly))
+        suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=_SHORTEST_REF, regex=r"^\s*$", mostly=mostly))
     bounds = {"prompt_tokens": settings.max_prompt_tokens, "response_tokens": settings.max_response_tokens}
     for column, bound in bounds.items():
         if column in frame.columns:
-            suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=column, min_value=1, max_value=bound))
+            suite.add_expectation(
+                E.ExpectColumnValuesToBeBetween(column=column, min_value=1, max_value=bound, mostly=mostly)
+            )
     if _KEY in frame.columns:
         suite.add_expectation(
             E.ExpectColumnProportionOfUniqueValuesToBeBetween(column=_KEY, min_value=1.0 - settings.max_duplicate_rate)

@@ -91,7 +91,23 @@ def validation_settings(data: DataConfig, validation: ValidationConfig) -> Valid
         check_overlap=validation.check_overlap,
         sample_rows=validation.sample_rows,
         require_text_pair=data.columns.text_pair is not None,
+        max_invalid_rate=validation.max_invalid_rate,
     )
+
+
+def drop_invalid_rows(frame: pd.DataFrame, text_columns: list[str], min_chars: int, max_chars: int) -> tuple[pd.DataFrame, list[int]]:
+    """Rows whose text columns are missing, blank or out of bounds (what validation tolerated under
+    ``max_invalid_rate``) are dropped; returns the kept frame and the dropped rows' source line numbers."""
+    bad = pd.Series(False, index=frame.index)
+    for column in text_columns:
+        if column not in frame.columns:
+            continue
+        values = frame[column]
+        text = values.where(values.notna(), "").astype(str)
+        stripped_len = text.str.strip().str.len()
+        bad |= values.isna() | (stripped_len == 0) | (stripped_len < min_chars) | (text.str.len() > max_chars)
+    dropped = [int(r) for r in frame.loc[bad, "source_row"]] if "source_row" in frame.columns else []
+    return frame[~bad].reset_index(drop=True), dropped
 
 
 def tokenized_split(prepared_dir: Path, split: str, tokenizer, max_length: int, limit: int | None = None) -> list[dict]:

@@ -35,6 +35,7 @@ class ValidationSettings:
     check_overlap: bool = True
     sample_rows: int = 5
     require_text_pair: bool = False  # sentence-pair task: every split must have ``text_pair``
+    max_invalid_rate: float = 0.0  # share of rows a row-level expectation may fail (GX ``mostly``); prepare drops them
 
 
 @dataclass
@@ -211,11 +212,13 @@ def _build_suite(gx, name: str, frame: pd.DataFrame, settings: ValidationSetting
     for column in required:
         suite.add_expectation(E.ExpectColumnToExist(column=column))
     text_columns = [c for c in ("text", "text_pair") if c in frame.columns]
+    mostly = 1.0 - settings.max_invalid_rate
     for column in text_columns:
-        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
-        suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=column, regex=r"^\s*$"))
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column, mostly=mostly))
+        suite.add_expectation(E.ExpectColumnValuesToNotMatchRegex(column=column, regex=r"^\s*$", mostly=mostly))
         suite.add_expectation(
-            E.ExpectColumnValueLengthsToBeBetween(column=column, min_value=settings.min_chars, max_value=settings.max_chars)
+            E.ExpectColumnValueLengthsToBeBetween(column=column, min_value=settings.min_chars, max_value=settings.max_chars,
+                                                  mostly=mostly)
         )
     key = _PAIR_KEY if _PAIR_KEY in frame.columns else ("text" if "text" in frame.columns else None)
     if key is not None:

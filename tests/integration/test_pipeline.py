@@ -133,9 +133,25 @@ def test_second_repro_reruns_only_the_gate(project):
 
 def test_a_changed_param_reruns_only_what_depends_on_it(project):
     root, _ = project
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["distill"]["flexkd_loss"] = "barlow"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = run([sys.executable, "-m", "dvc", "repro", "--dry"], root)
+    try:
+        dry = run([sys.executable, "-m", "dvc", "repro", "--dry"], root)
+    finally:
+        (root / "params.yaml").write_text(original)
     assert "Running stage 'distill@random-flexkd'" in dry.stdout and "Running stage 'distill@pruned-flexkd'" in dry.stdout
     assert "Running stage 'finetune_teacher'" not in dry.stdout and "Running stage 'relevance'" not in dry.stdout
+
+
+def test_readme_variant_with_dvc_exp_run(project):
+    """README: `dvc exp run -S evaluate.primary_metric=mcc` picks the best student by MCC, rerunning only what it must."""
+    root, _ = project
+    completed = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.primary_metric=mcc"], root)
+    text = completed.stdout + completed.stderr
+    assert "Running stage 'evaluate'" in text and "Running stage 'register'" in text
+    assert "Running stage 'distill@random-flexkd'" not in text and "Running stage 'finetune_teacher'" not in text
+    assert json.loads((root / "metrics/evaluation.json").read_text())["primary_metric"] == "mcc"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], root)
+    assert "evaluate.primary_metric" in shown.stdout and '"mcc"' in shown.stdout

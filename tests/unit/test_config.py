@@ -102,3 +102,16 @@ def test_every_shipped_profile_validates():
     profiles = sorted((REPO / "profiles").glob("*.yaml"))
     for path in profiles:
         load_config(path)
+
+
+def test_default_profile_is_the_committed_params():
+    assert yaml.safe_load((REPO / "profiles" / "sst2.yaml").read_text()) == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_profiles_are_the_documented_set():
+    names = {p.stem for p in (REPO / "profiles").glob("*.yaml")}
+    assert {"sst2", "alpaca", "scitldr", "gpu-dolly"} <= names
+    alpaca = load_config(REPO / "profiles" / "alpaca.yaml")
+    assert alpaca.data.format == "instruction" and alpaca.k == 288
+    assert {s.init for s in alpaca.students.values()} == {"prune", "random"}
+    assert {"ft", "kd", "projector", "flexkd"} <= set(alpaca.distill.methods)
