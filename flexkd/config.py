@@ -108,8 +108,8 @@ class ValidationConfig(_Strict):
     check_overlap: bool = Field(True, description="Fail when a test text also appears in train.")
     max_invalid_rate: float = Field(
         0.0, ge=0, lt=0.5,
-        description="Share of rows that may fail a row-level check (empty or over-long text) before the split fails; "
-        "such rows are dropped by prepare and counted in its manifest. 0: any bad row stops the pipeline.",
+        description="Share of rows that may fail a row-level check (empty or over-long text, a test text also in train) "
+        "before the split fails; prepare drops such rows and lists them in its manifest. 0: any bad row stops the pipeline.",
     )
     max_prompt_tokens: int | None = Field(
         None, gt=0, description="Generation: the longest templated prompt, in tokens (None: no bound; training truncates at generation.max_prompt_tokens)."

@@ -54,6 +54,13 @@ class Task:
         kept, dropped = {}, {}
         for name, frame in splits.items():
             kept[name], dropped[name] = drop_invalid_rows(frame, columns, v.min_chars, v.max_chars)
+        if v.check_overlap and "test" in kept:  # test rows that repeat a training text (tolerated by max_invalid_rate)
+            keys = [c for c in dict.fromkeys(columns + ["text_pair", "input"]) if c in kept["test"].columns and c != "response"]
+            seen = set(map(tuple, kept["train"][keys].astype(str).itertuples(index=False)))
+            test = kept["test"]
+            overlap = [tuple(row) in seen for row in test[keys].astype(str).itertuples(index=False)]
+            dropped["test"] += [int(r) for r in test.loc[overlap, "source_row"]]
+            kept["test"] = test[[not o for o in overlap]].reset_index(drop=True)
         return kept, dropped
 
     # -- students ----------------------------------------------------------------------------------------

@@ -650,7 +650,7 @@ def _build_generation_suite(gx, name: str, frame: pd.DataFrame, settings: Genera
             E.ExpectColumnProportionOfUniqueValuesToBeBetween(column=_KEY, min_value=1.0 - settings.max_duplicate_rate)
         )
         if train_keys is not None:
-            suite.add_expectation(E.ExpectColumnValuesToNotBeInSet(column=_KEY, value_set=train_keys))
+            suite.add_expectation(E.ExpectColumnValuesToNotBeInSet(column=_KEY, value_set=train_keys, mostly=mostly))
     return suite
 
 
@@ -716,18 +716,8 @@ def validate_generation(
         train_keys = None
         if settings.check_overlap and split != "train" and train is not None and _KEY in train.columns:
             train_keys = sorted({v for v in train[_KEY] if isinstance(v, str)})
-        suite = context.suites.add(_build_generation_suite(gx, f"generation_{split}", frame, settings, train_keys))
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(data=batch, suite=suite, name=f"validate_{split}")
-        )
-        outcome = definition.run(
-            batch_parameters={"dataframe": frame},
-            result_format={
-                "result_format": "COMPLETE",
-                "unexpected_index_column_names": ["source_row"],
-                "partial_unexpected_count": settings.sample_rows,
-            },
-        )
+        suite = _build_generation_suite(gx, f"generation_{split}", frame, settings, train_keys)
+        outcome = _validation.run_suite(gx, context, batch, suite, split, frame, settings.sample_rows)
         file = _validation._file_of(splits[split])
         for result in outcome.results:
             config = result.expectation_config

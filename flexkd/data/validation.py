@@ -226,7 +226,7 @@ def _build_suite(gx, name: str, frame: pd.DataFrame, settings: ValidationSetting
             E.ExpectColumnProportionOfUniqueValuesToBeBetween(column=key, min_value=1.0 - settings.max_duplicate_rate)
         )
         if train_keys is not None:
-            suite.add_expectation(E.ExpectColumnValuesToNotBeInSet(column=key, value_set=train_keys))
+            suite.add_expectation(E.ExpectColumnValuesToNotBeInSet(column=key, value_set=train_keys, mostly=mostly))
     if "label" in frame.columns:
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="label"))
         if allowed is not None:
@@ -270,6 +270,20 @@ def _failure(split: str, file: str, frame: pd.DataFrame, raw: pd.DataFrame, resu
     }
 
 
+def run_suite(gx, context, batch, suite, split: str, frame: pd.DataFrame, sample_rows: int):
+    """Run one split's suite on its frame, with unexpected rows identified by their source line."""
+    suite = context.suites.add(suite)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=f"validate_{split}"))
+    return definition.run(
+        batch_parameters={"dataframe": frame},
+        result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": ["source_row"],
+            "partial_unexpected_count": sample_rows,
+        },
+    )
+
+
 # --------------------------------------------------------------------------------------------- public
 def validate_classification(
     splits: dict[str, pd.DataFrame], settings: ValidationSettings | None = None
@@ -301,18 +315,8 @@ def validate_classification(
         own_key = _PAIR_KEY if _PAIR_KEY in frame.columns else ("text" if "text" in frame.columns else None)
         if settings.check_overlap and split != "train" and train_key is not None and train_key == own_key:
             train_keys = sorted({v for v in train[train_key] if isinstance(v, str)})
-        suite = context.suites.add(_build_suite(gx, f"classification_{split}", frame, settings, allowed, train_keys))
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(data=batch, suite=suite, name=f"validate_{split}")
-        )
-        outcome = definition.run(
-            batch_parameters={"dataframe": frame},
-            result_format={
-                "result_format": "COMPLETE",
-                "unexpected_index_column_names": ["source_row"],
-                "partial_unexpected_count": settings.sample_rows,
-            },
-        )
+        suite = _build_suite(gx, f"classification_{split}", frame, settings, allowed, train_keys)
+        outcome = run_suite(gx, context, batch, suite, split, frame, settings.sample_rows)
         file = _file_of(splits[split])
         for result in outcome.results:
             config = result.expectation_config
