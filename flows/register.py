@@ -42,9 +42,11 @@ def register_flow(params: str | None = None) -> dict:
         student_info = read_json(paths.student(student_name, method) / "flexkd_student.json")
         manifest = read_json(paths.prepared / "manifest.json")
         index = RelevanceIndex.load(paths.relevance / "index.json")
-        weights = {"alpha": student_info["alpha"], "temperature": cfg.distill.temperature}
-        if method != "ft":
-            weights["logit_loss"] = cfg.distill.logit_loss
+        if method == "ft":  # the task loss alone: no teacher term
+            weights = {"task": 1.0}
+        else:
+            weights = {"alpha": student_info["alpha"], "temperature": cfg.distill.temperature,
+                       "logit_loss": cfg.distill.logit_loss}
         if method in ("projector", "cka", "flexkd"):
             weights["beta"] = student_info["beta"]
         if method == "flexkd":

@@ -735,12 +735,5 @@ def validate_generation(
             if not result.success:
                 failure = _validation._failure(split, file, frame, splits[split], result, settings)
                 report.failures.append(_finish_failure(failure, column))
-        stats = outcome.statistics
-        report.statistics[split] = {
-            "evaluated": int(stats["evaluated_expectations"]),
-            "successful": int(stats["successful_expectations"]),
-            "rows": len(frame),
-            "file": file,
-        }
-        report.success = report.success and bool(outcome.success)
+        _validation.record_outcome(report, split, file, frame, outcome)
     return report

@@ -284,6 +284,18 @@ def run_suite(gx, context, batch, suite, split: str, frame: pd.DataFrame, sample
     )
 
 
+def record_outcome(report: "ValidationReport", split: str, file: str, frame: pd.DataFrame, outcome) -> None:
+    """Add one split's counts to the report and fold its success into the overall verdict."""
+    stats = outcome.statistics
+    report.statistics[split] = {
+        "evaluated": int(stats["evaluated_expectations"]),
+        "successful": int(stats["successful_expectations"]),
+        "rows": len(frame),
+        "file": file,
+    }
+    report.success = report.success and bool(outcome.success)
+
+
 # --------------------------------------------------------------------------------------------- public
 def validate_classification(
     splits: dict[str, pd.DataFrame], settings: ValidationSettings | None = None
@@ -332,14 +344,7 @@ def validate_classification(
             )
             if not result.success:
                 report.failures.append(_failure(split, file, frame, splits[split], result, settings))
-        stats = outcome.statistics
-        report.statistics[split] = {
-            "evaluated": int(stats["evaluated_expectations"]),
-            "successful": int(stats["successful_expectations"]),
-            "rows": len(frame),
-            "file": file,
-        }
-        report.success = report.success and bool(outcome.success)
+        record_outcome(report, split, file, frame, outcome)
     return report
 
 
