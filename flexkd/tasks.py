@@ -338,22 +338,15 @@ class GenerationTask(Task):
         return scores, result["predictions"]
 
     def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path) -> str:
-        from flexkd.data.generation import DEFAULT_SUMMARY_INSTRUCTION  # noqa: F401  (documented default)
+        from flexkd.models import load_tokenizer
 
         g = self.cfg.generation
-        tokenizer_has_template = None
-        try:
-            from flexkd.models import load_tokenizer
-
-            tokenizer_has_template = bool(getattr(load_tokenizer(str(checkpoint_dir)), "chat_template", None))
-        except Exception:  # noqa: BLE001 - the flag falls back to the param
-            pass
-        use_chat = g.use_chat_template if g.use_chat_template is not None else bool(tokenizer_has_template)
+        formatter = self.formatter(load_tokenizer(str(checkpoint_dir)))  # resolves use_chat_template: None
         examples = [r["prompt"] for r in self._records(prepared_dir, "validation", 2)]
         return tracking.log_generator_model(
             checkpoint_dir, max_new_tokens=g.max_new_tokens, max_prompt_tokens=g.max_prompt_tokens,
-            use_chat_template=use_chat, summary_instruction=g.summary_instruction, task=self.cfg.data.format,
-            input_example_prompts=examples,
+            use_chat_template=formatter.use_chat_template, summary_instruction=g.summary_instruction,
+            task=self.cfg.data.format, input_example_prompts=examples,
         )
 
 

@@ -60,11 +60,16 @@ def make_project(root: Path, params: dict) -> Path:
         shutil.copy(REPO / name, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    for key, value in (("core.analytics", "false"), ("core.autostage", "true")):  # as in the repository
+        run([sys.executable, "-m", "dvc", "config", key, value], root)
+    git_commit(root, "init")
     return root
+
+
+def git_commit(root: Path, message: str) -> None:
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
 
 
 def env_for(root: Path, **extra) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.project import env_for, make_project, run, save_tiny_bert, tiny_params
+from tests.integration.project import git_commit, make_project, run, save_tiny_bert, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +148,7 @@ def test_a_changed_param_reruns_only_what_depends_on_it(project):
 def test_readme_variant_with_dvc_exp_run(project):
     """README: `dvc exp run -S evaluate.primary_metric=mcc` picks the best student by MCC, rerunning only what it must."""
     root, _ = project
+    git_commit(root, "baseline run")  # README: experiments start from a commit of the baseline run
     completed = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.primary_metric=mcc"], root)
     text = completed.stdout + completed.stderr
     assert "Running stage 'evaluate'" in text and "Running stage 'register'" in text
