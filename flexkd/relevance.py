@@ -22,7 +22,6 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -233,7 +232,9 @@ class RelevanceIndex:
     data_fingerprint: str
     k: int
     d_teacher: int
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # Empty unless a caller sets it: the same inputs must give a byte-identical file, because DVC compares bytes
+    # and a changed index would rerun every distill stage. The MLflow run records when the index was made.
+    created_at: str = ""
     flexkd_version: str = field(default_factory=_flexkd_version)
 
     @classmethod

@@ -43,6 +43,12 @@ class Paths:
     def teacher(self) -> Path:
         return self.root / self.runs_dir / "teacher" / self.task
 
+    @property
+    def teacher_metrics(self) -> Path:
+        """Timing of the teacher stage: a DVC metric, kept out of the teacher directory so that a rerun on the
+        same inputs leaves that directory byte-identical (and later stages up to date)."""
+        return self.root / "metrics" / "teacher.json"
+
     def student(self, student: str, method: str) -> Path:
         return self.root / self.runs_dir / "students" / self.task / student / method
 

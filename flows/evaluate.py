@@ -89,12 +89,13 @@ def evaluate_flow(params: str | None = None) -> dict:
             return {**scores, "parameters": count_parameters(model)}
 
         teacher_info = read_json(paths.teacher / "flexkd_teacher.json")
+        teacher_timing = read_json(paths.teacher_metrics) if paths.teacher_metrics.exists() else {}
         test_rows = sum(1 for _ in open(paths.prepared / "test.jsonl", encoding="utf-8"))
         if task.is_generation and cfg.generation.eval_max_examples:
             test_rows = min(test_rows, cfg.generation.eval_max_examples)
         evaluation = {
             "task": cfg.data.task, "format": cfg.data.format, "primary_metric": primary, "test_rows": test_rows,
-            "teacher": {**score(paths.teacher, "teacher"), "train_seconds": teacher_info.get("train_seconds", 0.0),
+            "teacher": {**score(paths.teacher, "teacher"), "train_seconds": teacher_timing.get("train_seconds", 0.0),
                         "finetuned": teacher_info["finetuned"], "spec": teacher_info["spec"]},
             "students": {}, "warnings": [],
         }

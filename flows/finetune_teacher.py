@@ -49,13 +49,16 @@ def finetune_teacher_flow(params: str | None = None) -> dict:
                 fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
                 select_metric=metric, log=tracking.log_metrics, desc="teacher",
             )
-            summary.update(best_step=result.state.best_step, steps=result.total_steps,
-                           train_seconds=round(result.state.train_seconds, 2), resumed_from=result.resumed_from)
+            summary.update(best_step=result.state.best_step, steps=result.total_steps)
+            timing = {"train_seconds": round(result.state.train_seconds, 2), "resumed_from": result.resumed_from}
+        else:
+            timing = {"train_seconds": 0.0, "resumed_from": None}
         scores = task.validation_scores(model, validation, collate)
         tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
         save_checkpoint(model, tokenizer, paths.teacher)
         summary.update(validation=scores, weights_hash=weights_hash(paths.teacher))
         write_json(paths.teacher / "flexkd_teacher.json", summary)
+        write_json(paths.teacher_metrics, {"validation": scores, "parameters": summary["parameters"], **timing})
         print(f"teacher validation {metric}: {scores[metric]:.4f}")
     return summary
 

@@ -146,13 +146,13 @@ def test_a_changed_param_reruns_only_what_depends_on_it(project):
 
 
 def test_readme_variant_with_dvc_exp_run(project):
-    """README: `dvc exp run -S evaluate.primary_metric=mcc` picks the best student by MCC, rerunning only what it must."""
+    """README: commit the baseline run, then `dvc exp run -S ...` reruns only the stages that depend on the change."""
     root, _ = project
-    git_commit(root, "baseline run")  # README: experiments start from a commit of the baseline run
-    completed = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.primary_metric=mcc"], root)
+    git_commit(root, "baseline run")
+    completed = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.batch_size=64"], root)
     text = completed.stdout + completed.stderr
     assert "Running stage 'evaluate'" in text and "Running stage 'register'" in text
-    assert "Running stage 'distill@random-flexkd'" not in text and "Running stage 'finetune_teacher'" not in text
-    assert json.loads((root / "metrics/evaluation.json").read_text())["primary_metric"] == "mcc"
+    for stage in ("finetune_teacher", "relevance", "distill@random-flexkd", "distill@pruned-ft"):
+        assert f"Running stage '{stage}'" not in text, stage
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], root)
-    assert "evaluate.primary_metric" in shown.stdout and '"mcc"' in shown.stdout
+    assert "evaluate.batch_size" in shown.stdout and "64" in shown.stdout

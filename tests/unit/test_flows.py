@@ -29,7 +29,7 @@ def test_dvc_yaml_outputs_are_the_flows_paths():
     rel = lambda p: str(p.relative_to(REPO))  # noqa: E731
     assert outs("validate") == [rel(paths.validated)]
     assert outs("prepare") == [rel(paths.prepared)]
-    assert outs("finetune_teacher") == [rel(paths.teacher)]
+    assert outs("finetune_teacher") == [rel(paths.teacher), rel(paths.teacher_metrics)]
     assert outs("relevance") == [rel(paths.relevance)]
     distill = stages["distill"]
     assert distill["matrix"] == {"student": "${distill.students}", "method": "${distill.methods}"}
