@@ -151,7 +151,8 @@ def test_readme_variant_with_dvc_exp_run(project):
     git_commit(root, "baseline run")
     completed = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.batch_size=64"], root)
     text = completed.stdout + completed.stderr
-    assert "Running stage 'evaluate'" in text and "Running stage 'register'" in text
+    assert "Running stage 'evaluate'" in text  # register reruns only if the metrics changed (here they cannot)
+    assert "Running stage 'register'" in text or "Stage 'register' didn't change" in text
     for stage in ("finetune_teacher", "relevance", "distill@random-flexkd", "distill@pruned-ft"):
         assert f"Running stage '{stage}'" not in text, stage
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], root)
