@@ -100,10 +100,10 @@ class Task:
 
 def _record_dropped(out_dir: Path, manifest: dict, dropped: dict[str, list[int]]) -> dict:
     """Add the rows dropped as invalid (source lines per split) to the prepared manifest."""
-    import json
+    from flexkd.data.prepare import MANIFEST_FILE, _write_json
 
     manifest["dropped_invalid_rows"] = {split: sorted(rows) for split, rows in dropped.items()}
-    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_json(Path(out_dir) / MANIFEST_FILE, manifest)
     return manifest
 
 

@@ -94,7 +94,8 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
         collate = task.collate(tokenizer)
         train = task.features(paths.prepared, "train", tokenizer)
         validation = task.features(paths.prepared, "validation", tokenizer)
-        calibration = [collate(train[i : i + 16]) for i in range(0, min(len(train), 128), 16)]
+        calibration = ([collate(train[i : i + 16]) for i in range(0, min(len(train), 128), 16)]
+                       if scfg.init == "prune" else None)  # activation importance for pruning only
         model, pruning = task.build_student(teacher, scfg, seed=cfg.project.seed, selected_units=units, calibration=calibration)
         if model.config.vocab_size != teacher.config.vocab_size and not task.is_generation:
             raise ConfigError(

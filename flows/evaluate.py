@@ -65,6 +65,7 @@ def comparison_table(evaluation: dict, order: list[str] | None = None) -> str:
 @flow(name="flexkd-evaluate", log_prints=True)
 def evaluate_flow(params: str | None = None) -> dict:
     from flexkd import tracking
+    from flexkd.data.prepare import load_split
     from flexkd.errors import FlexKDError
     from flexkd.models import count_parameters, load_tokenizer
     from flexkd.tasks import task_for
@@ -90,7 +91,7 @@ def evaluate_flow(params: str | None = None) -> dict:
 
         teacher_info = read_json(paths.teacher / "flexkd_teacher.json")
         teacher_timing = read_json(paths.teacher_metrics) if paths.teacher_metrics.exists() else {}
-        test_rows = sum(1 for _ in open(paths.prepared / "test.jsonl", encoding="utf-8"))
+        test_rows = len(load_split(paths.prepared / "test.jsonl"))
         if task.is_generation and cfg.generation.eval_max_examples:
             test_rows = min(test_rows, cfg.generation.eval_max_examples)
         evaluation = {
@@ -129,7 +130,6 @@ def evaluate_flow(params: str | None = None) -> dict:
                     raise FlexKDError(message + " (teacher.require_better_than_ft is true)")
 
         if task.is_generation:
-            from flexkd.data.prepare import load_split
             from flexkd.generate import sample_table
 
             records = load_split(paths.prepared / "test.jsonl")[: test_rows]
