@@ -120,7 +120,10 @@ class ValidationConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(32, gt=0, description="Examples per optimizer step.")
+    batch_size: int = Field(
+        32, gt=0, description="Examples per optimizer step: the global batch, whatever num_processes is (each process "
+        "takes a contiguous share of it, sizes differing by at most one, and its loss is weighted by that share).",
+    )
     lr: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup; linear decay after.")
@@ -131,6 +134,30 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="Write a resumable checkpoint every N steps (atomic).")
     log_every: int = Field(10, gt=0, description="Log losses (each term separately) every N steps.")
     keep_best: bool = Field(True, description="Keep the checkpoint with the best validation score (else the last).")
+    num_processes: int = Field(
+        1, ge=1, description="Training processes (data parallel). Above 1 the stage starts the training under "
+        "`accelerate launch` with that many ranks; metrics, MLflow logging and checkpoints come from rank 0. "
+        "Not part of the run's fingerprint: a checkpoint resumes under any process count.",
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With num_processes above 1: ddp (each rank holds the whole model; gradients averaged) "
+        "or fsdp (PyTorch FSDP2: parameters, gradients and optimizer state sharded across the ranks, for large "
+        "models; every rank runs the validation pass). Ignored with one process; not part of the run's fingerprint.",
+    )
+
+    @model_validator(mode="after")
+    def _global_batch(self):
+        if self.batch_size < self.num_processes:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be at least num_processes ({self.num_processes}): "
+                "batch_size is the global batch, split across the processes"
+            )
+        return self
+
+
+# TrainConfig keys that change how a run is executed, not what it computes (beyond floating-point rounding):
+# run fingerprints leave them out, so that a checkpoint resumes under another process count.
+EXECUTION_ONLY_KEYS = frozenset({"num_processes", "distributed"})
 
 
 class FinetuneConfig(TrainConfig):
@@ -211,6 +238,12 @@ class DistillConfig(_Strict):
     skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of the skew forward / reverse KL.")
     students: list[str] = Field(["random"], min_length=1, description="Which entries of `students` to train (each with every method).")
     barlow_lambda_off: float = Field(5e-3, ge=0, description="Off-diagonal weight of the barlow variant.")
+    teacher_top_k: int | None = Field(
+        None, gt=0,
+        description="Generation: keep the teacher's k most likely tokens per position and spread the rest of its "
+        "probability mass evenly over the other tokens (the KD target; None: the full distribution). Required by "
+        "the teacher cache for generation, where full-vocabulary logits would not fit.",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
@@ -221,6 +254,22 @@ class DistillConfig(_Strict):
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"distill.methods: duplicates in {self.methods}")
         return self
+
+
+class TeacherCacheConfig(_Strict):
+    enabled: bool = Field(
+        False, description="Run the teacher once over the training split (stage teacher_cache) and let distillation "
+        "read its outputs instead of running the teacher in every step.",
+    )
+    features: Literal["auto", "selected", "full"] = Field(
+        "auto", description="Teacher hidden units stored per position: selected (the k = d_S relevance-selected "
+        "units, all Flex-KD needs), full (all d_T units, also what projector and cka need), auto (full when "
+        "distill.methods has projector or cka, else selected). Methods the cache cannot serve run the teacher online.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Storage type of the cached hidden states and logits (float16 halves the size; float32 is exact)."
+    )
+    batch_size: int = Field(64, gt=0, description="Examples per teacher forward while filling the cache.")
 
 
 class GenerationConfig(_Strict):
@@ -261,6 +310,7 @@ class FlexKDConfig(_Strict):
         default_factory=lambda: {"random": StudentConfig()}, description="Named student set-ups; distill.students picks which to train."
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
@@ -279,6 +329,11 @@ class FlexKDConfig(_Strict):
                 f"students: every trained student must have the same hidden_size (the relevance index's k); got {sorted(sizes)}"
             )
         generative = self.data.is_generation
+        if generative and self.teacher_cache.enabled and self.distill.teacher_top_k is None:
+            raise ValueError(
+                "teacher_cache.enabled: a generation cache stores top-k teacher logits; set distill.teacher_top_k "
+                "(e.g. 64) or turn the cache off"
+            )
         if generative != (self.evaluate.primary_metric == "rougeL"):
             raise ValueError(
                 f"evaluate.primary_metric {self.evaluate.primary_metric!r} does not fit data.format {self.data.format!r} "

@@ -309,6 +309,48 @@ def align_vocab(
     return student_logits[..., :shared], teacher_logits[..., :shared]
 
 
+def sparse_teacher_parts(
+    teacher_logits: torch.Tensor, top_k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's k largest logits (..., k), their token ids (..., k) and one tail logit (...,).
+
+    The tail logit f is chosen so that the V - k other tokens, each given logit f, carry at temperature tau
+    exactly the probability mass they carry in the full distribution: (V - k) exp(f / tau) = sum exp(z_j / tau)
+    over those tokens. ``densify_teacher_logits`` turns the parts back into (..., V) logits whose tempered
+    softmax equals the teacher's on the top k tokens and spreads the rest evenly. This is what the teacher
+    cache stores for generation (k + k + 1 numbers per position instead of V).
+    """
+    if top_k < 1:
+        raise ConfigError(f"distill.teacher_top_k must be >= 1, got {top_k}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    z = teacher_logits.float() / temperature
+    vocab = z.shape[-1]
+    k = min(int(top_k), vocab)
+    values, indices = z.topk(k, dim=-1)
+    if k == vocab:
+        return values * temperature, indices, torch.full(z.shape[:-1], float("-inf"), device=z.device)
+    lse_all = torch.logsumexp(z, dim=-1)
+    lse_top = torch.logsumexp(values, dim=-1)
+    # log of the tail mass's share of the normaliser, kept finite when the top k hold (almost) all the mass
+    tail_share = torch.clamp(-torch.expm1(lse_top - lse_all), min=1e-30)
+    lse_rest = lse_all + torch.log(tail_share)
+    fill = (lse_rest - math.log(vocab - k)) * temperature
+    return values * temperature, indices, fill
+
+
+def densify_teacher_logits(values: torch.Tensor, indices: torch.Tensor, fill: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(..., vocab) logits: ``values`` at ``indices``, ``fill`` everywhere else (see ``sparse_teacher_parts``)."""
+    dense = fill.float().unsqueeze(-1).expand(*fill.shape, int(vocab)).clone()
+    return dense.scatter_(-1, indices.long(), values.float())
+
+
+def sparsify_teacher_logits(teacher_logits: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """The teacher's (..., V) logits reduced to their top k plus an evenly spread tail (same shape)."""
+    values, indices, fill = sparse_teacher_parts(teacher_logits, top_k, temperature)
+    return densify_teacher_logits(values, indices, fill, teacher_logits.shape[-1])
+
+
 def check_vocab_compatible(teacher_tokenizer, student_tokenizer) -> int:
     """Refuse (ConfigError) tokenizers whose vocabularies differ; return the shared size ``len(tokenizer)``.
 
@@ -452,10 +494,14 @@ class LogitKD(LossTerm):
         beta: float = 0.5,
         skew_alpha: float = 0.1,
         shared_vocab: int | None = None,
+        top_k: int | None = None,
     ):
         super().__init__()
         if not temperature > 0:
             raise ConfigError(f"kd: temperature must be > 0, got {temperature}")
+        if top_k is not None and int(top_k) < 1:
+            raise ConfigError(f"kd: distill.teacher_top_k must be >= 1, got {top_k}")
+        self.top_k = None if top_k is None else int(top_k)
         if kind not in LOGIT_LOSSES:
             raise ConfigError(f"kd: unknown logit loss {kind!r}; valid names: {', '.join(LOGIT_LOSSES)}")
         self.temperature = float(temperature)
@@ -469,7 +515,7 @@ class LogitKD(LossTerm):
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, skew_alpha={self.skew_alpha}, "
-            f"shared_vocab={self.shared_vocab}"
+            f"shared_vocab={self.shared_vocab}, top_k={self.top_k}"
         )
 
     def forward(self, student_logits, teacher_logits, labels) -> torch.Tensor:
@@ -478,6 +524,10 @@ class LogitKD(LossTerm):
         )
         mask = response_mask(labels) if student_logits.dim() == 3 else None
         tau = self.temperature
+        if self.top_k is not None and teacher_logits.dim() == 3:
+            # Generation: the target is the teacher's top k tokens with the rest of its mass spread evenly
+            # (what the teacher cache stores); idempotent, so cached (already sparse) logits pass unchanged.
+            teacher_logits = sparsify_teacher_logits(teacher_logits, self.top_k, tau)
         if self.kind == "forward_kl":
             return forward_kl(student_logits, teacher_logits, tau, mask)
         if self.kind == "reverse_kl":
@@ -690,6 +740,7 @@ def build_objective(
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
     shared_vocab: int | None = None,
+    teacher_top_k: int | None = None,
 ) -> DistillObjective:
     """The objective of one method (``ft``, ``kd``, ``projector``, ``cka``, ``flexkd``); see docs/METHOD.md.
 
@@ -722,7 +773,8 @@ def build_objective(
         None
         if method == "ft"
         else get_loss_term("kd")(
-            temperature=temperature, kind=logit_loss, beta=jsd_beta, skew_alpha=skew_alpha, shared_vocab=shared_vocab
+            temperature=temperature, kind=logit_loss, beta=jsd_beta, skew_alpha=skew_alpha, shared_vocab=shared_vocab,
+            top_k=teacher_top_k,
         )
     )
     feature_term: FeatureTerm | None = None

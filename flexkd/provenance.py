@@ -55,6 +55,22 @@ def tensor_state_hash(state_dict) -> str:
     return digest.hexdigest()
 
 
+def recover_dir(target: str | Path) -> Path | None:
+    """Put back the previous version of an ``atomic_dir`` target when a crash hit between its two renames.
+
+    ``atomic_dir`` moves the old directory aside, then renames the new one into place; a process killed between
+    the two leaves no ``target`` but a complete ``.<name>.old-*``. Returns the restored path, or None.
+    """
+    target = Path(target)
+    if target.exists():
+        return None
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not olds:
+        return None
+    os.replace(olds[0], target)
+    return target
+
+
 def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Fill a directory atomically: ``write`` fills a sibling temp directory, which is then renamed into place.
 

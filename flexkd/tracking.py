@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from flexkd import resources
 from flexkd.errors import FlexKDError
 
 PIPELINE_RUN_ENV = "FLEXKD_PIPELINE_RUN_ID"
@@ -45,6 +46,7 @@ _MAX_METRICS_PER_BATCH = 1000
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 _current_uri: str | None = None
+_reachable_uris: set[str] = set()  # http(s) servers that answered check_reachable in this process
 
 
 # --------------------------------------------------------------------------------------------------- setup
@@ -76,6 +78,9 @@ def setup(project_root: str | Path, experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri(project_root)
+    if uri.lower().startswith(("http://", "https://")) and uri not in _reachable_uris:
+        check_reachable(uri=uri)  # fail fast: MLflow's own retries of the calls below take minutes
+        _reachable_uris.add(uri)
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +322,7 @@ def stage_run(
     )
     run_id = run.info.run_id
     status = "FINISHED"
+    began, compute_before = time.perf_counter(), resources.compute_seconds()
     try:
         client = mlflow.MlflowClient()
         flat = list(flatten_params(params or {}).items())
@@ -334,6 +340,12 @@ def stage_run(
         status = "FAILED"
         raise
     finally:
+        try:
+            log_metrics({"resources/peak_rss_mb": resources.peak_rss_mb(),
+                         "resources/compute_seconds": resources.compute_seconds() - compute_before,
+                         "resources/stage_seconds": time.perf_counter() - began}, run_id=run_id)
+        except Exception:  # noqa: BLE001 - never hide the stage's own outcome behind a metrics failure
+            pass
         if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
             mlflow.end_run(status=status)
         else:  # someone ended or replaced the active run inside the block; still close ours
@@ -352,6 +364,16 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id
     client = mlflow.MlflowClient()
     for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
+
+
+def set_tags(tags: Mapping[str, Any], *, run_id: str | None = None) -> None:
+    """Tag the active run (e.g. where a distill run's teacher outputs came from)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = _active_run_id(run_id)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 def log_metrics_to_run(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexkd.config import FlexKDConfig, load_config
+from flexkd.config import EXECUTION_ONLY_KEYS, FlexKDConfig, load_config
 
 
 def project_root() -> Path:
@@ -42,6 +42,11 @@ class Paths:
     @property
     def teacher(self) -> Path:
         return self.root / self.runs_dir / "teacher" / self.task
+
+    @property
+    def teacher_cache(self) -> Path:
+        """The teacher-feature cache of the training split (stage teacher_cache; disabled: only a meta.json)."""
+        return self.root / "data" / "teacher_cache" / self.task
 
     @property
     def teacher_metrics(self) -> Path:
@@ -80,9 +85,32 @@ def load_params(params: str | None = None) -> FlexKDConfig:
     return load_config(Path(params) if params else project_root() / "params.yaml")
 
 
+def preflight(cfg: FlexKDConfig, *, data: bool = False, tuned_teacher: bool = False) -> None:
+    """The checks of :mod:`flexkd.preflight` (data files, teacher and student sizes, tokenizers), before any
+    compute. ``data``: also the raw data files; ``tuned_teacher``: check against the fine-tuned teacher when it
+    is there (stages after finetune_teacher), else ``teacher.model``."""
+    from flexkd.preflight import check, describe
+
+    tuned = paths_for(cfg).teacher
+    use_tuned = tuned_teacher and (tuned / "config.json").is_file()
+    notes = check(cfg, data=data, teacher=str(tuned) if use_tuned else None)
+    print(describe(notes))
+
+
 def fingerprint(*parts) -> str:
-    """A stable hash of JSON-able parts (configs as dicts, file hashes, names)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    """A stable hash of JSON-able parts (configs as dicts, file hashes, names).
+
+    Keys that only say how training is executed (``EXECUTION_ONLY_KEYS``: num_processes, distributed) are left
+    out at any depth, so that a checkpoint resumes under another process count."""
+
+    def essential(value):
+        if isinstance(value, dict):
+            return {k: essential(v) for k, v in value.items() if k not in EXECUTION_ONLY_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [essential(v) for v in value]
+        return value
+
+    blob = json.dumps(essential(list(parts)), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 

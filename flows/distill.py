@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import fingerprint, load_params, paths_for, read_json, run_cli, write_json
+from flows.common import fingerprint, load_params, paths_for, preflight, read_json, run_cli, write_json
 
 
 def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
@@ -45,18 +45,47 @@ def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
     warnings.warn(message, stacklevel=1)
 
 
+def open_cache(cfg, paths, train, method: str, units: list[int], *, teacher_hash: str, data_fp: str, index_hash: str):
+    """The teacher cache when it is enabled and can serve ``method`` (else None: the teacher runs online).
+
+    A cache made from other inputs (teacher, data, relevance index, tokenisation, temperature, top-k) or a
+    corrupted one is refused with a ProvenanceError, never silently replaced by the online teacher.
+    """
+    from flexkd.cache import TeacherCache, cache_enabled, features_hash
+
+    if method == "ft" or not cfg.teacher_cache.enabled:
+        return None
+    if not cache_enabled(paths.teacher_cache):
+        from flexkd.errors import ProvenanceError
+
+        raise ProvenanceError(f"{paths.teacher_cache}: teacher_cache.enabled is true but the cache was not built; "
+                              "run the teacher_cache stage (dvc repro does it)")
+    cache = TeacherCache.load(paths.teacher_cache)
+    cache.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, relevance_index_hash=index_hash,
+                 features_hash=features_hash(train), temperature=cfg.distill.temperature if cache.generation else None,
+                 top_k=cfg.distill.teacher_top_k if cache.generation else None)
+    needed = {"flexkd": units, "kd": None}.get(method, list(range(cache.meta["d_teacher"])))
+    if not cache.serves(needed):
+        print(f"teacher cache holds {cache.width} of {cache.meta['d_teacher']} teacher units; {method} compares all of them, "
+              "so it runs the teacher online (teacher_cache.features: full serves it)")
+        return None
+    return cache
+
+
 @flow(name="flexkd-distill", log_prints=True)
 def distill_flow(student: str, method: str, params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.config import METHODS
     from flexkd.data.prepare import split_fingerprint
-    from flexkd.errors import ConfigError
+    from flexkd.errors import ConfigError, FlexKDError
     from flexkd.losses import build_objective
     from flexkd.models import count_parameters, hidden_size, load_tokenizer, save_checkpoint
     from flexkd.provenance import weights_hash
     from flexkd.relevance import RelevanceIndex
     from flexkd.tasks import task_for
-    from flexkd.train import distillation_loss, set_threads, train_loop
+    from flexkd.cache import IndexedCollate, cached_distillation_loss
+    from flexkd.launch import run_training
+    from flexkd.train import distillation_loss, set_threads
 
     cfg = load_params(params)
     if method not in METHODS:
@@ -66,6 +95,7 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
     if student not in cfg.distill.students:
         raise ConfigError(f"--student {student!r} is not in distill.students {cfg.distill.students}")
     paths = paths_for(cfg)
+    preflight(cfg, tuned_teacher=True)  # k <= d_T, prune plan, student tokenizer: before any model is loaded
     check_teacher_beats_ft(cfg, paths, student, method)
     task = task_for(cfg)
     set_threads()
@@ -104,27 +134,44 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
             )
         if hidden_size(model) != scfg.hidden_size:
             raise ConfigError(f"students.{student}: the model's hidden size {hidden_size(model)} is not hidden_size {scfg.hidden_size}")
-        objective = build_objective(
-            method, alpha=alpha, temperature=dcfg.temperature, feature_weight=getattr(weights, method, 0.0),
+        objective_args = dict(
+            alpha=alpha, temperature=dcfg.temperature, feature_weight=getattr(weights, method, 0.0),
             flexkd_kind=dcfg.flexkd_loss, barlow_lambda_off=dcfg.barlow_lambda_off, student_hidden=hidden_size(model),
-            teacher_hidden=hidden_size(teacher), selected_units=units if method == "flexkd" else None,
             logit_loss=dcfg.logit_loss, jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha,
-            shared_vocab=len(tokenizer) if task.is_generation else None,
+            shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,
         )
-        run_fp = fingerprint("distill", stage_params, data_fp, teacher_hash, index.content_hash())
+        cache = open_cache(cfg, paths, train, method, units, teacher_hash=teacher_hash, data_fp=data_fp,
+                           index_hash=index.content_hash())
+        if cache is None:  # the teacher runs online, inside every step
+            objective = build_objective(method, teacher_hidden=hidden_size(teacher),
+                                        selected_units=units if method == "flexkd" else None, **objective_args)
+            loss_fn = distillation_loss(model, teacher if objective.needs_teacher else None, objective, task.feature_mask)
+            train_data, train_collate = train, collate
+        else:  # the same objective over the cached columns: Flex-KD's pairing is remapped into the cache
+            objective = build_objective(method, teacher_hidden=cache.width if cache.width else hidden_size(teacher),
+                                        selected_units=cache.positions(units) if method == "flexkd" else None, **objective_args)
+            loss_fn = cached_distillation_loss(cache, objective, task.feature_mask,
+                                               vocab=len(tokenizer) if task.is_generation else None)
+            train_data, train_collate = IndexedCollate.index(train), IndexedCollate(collate)
+            del teacher  # not needed any more: its outputs come from the cache
+        summary_cache = {"teacher_outputs": "cache" if cache is not None else ("online" if objective.needs_teacher else "none"),
+                         "teacher_cache_bytes": cache.meta["bytes"] if cache is not None else None}
+        tracking.set_tags({"flexkd.teacher_outputs": summary_cache["teacher_outputs"]})
+        run_fp = fingerprint("distill", stage_params, data_fp, teacher_hash, index.content_hash(),
+                             cache.meta["files"] if cache is not None else None)
         metric = task.selection_metric
-        result = train_loop(
-            model=model,
-            loss_fn=distillation_loss(model, teacher if objective.needs_teacher else None, objective, task.feature_mask),
-            extra=objective if any(True for _ in objective.parameters()) else None,
-            train_data=train, collate=collate, settings=train_settings, seed=cfg.project.seed,
-            work_dir=paths.scratch(f"distill-{student}-{method}", run_fp), fingerprint=run_fp,
-            evaluate=lambda m: task.validation_scores(m, validation, collate),
-            select_metric=metric, log=tracking.log_metrics, desc=f"distill {student}/{method}",
-        )
+        with resources.compute():
+            result = run_training(  # train_loop, under accelerate launch when num_processes > 1
+                model=model,
+                loss_fn=loss_fn,
+                extra=objective if any(True for _ in objective.parameters()) else None,
+                train_data=train_data, collate=train_collate, settings=train_settings, seed=cfg.project.seed,
+                work_dir=paths.scratch(f"distill-{student}-{method}", run_fp), fingerprint=run_fp,
+                evaluate=lambda m: task.validation_scores(m, validation, collate),
+                select_metric=metric, log=tracking.log_metrics, desc=f"distill {student}/{method}",
+            )
         scores = task.validation_scores(model, validation, collate)
-        tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
-        out_dir = save_checkpoint(model, tokenizer, paths.student(student, method))
+        out_dir = save_checkpoint(model, tokenizer, paths.student(student, method))  # on disk before any MLflow call
         summary = {
             "student": student, "method": method, "init": scfg.init, "run_id": run.info.run_id,
             "parameters": count_parameters(model), "train_seconds": round(result.state.train_seconds, 2),
@@ -133,14 +180,25 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
             "weights_hash": weights_hash(out_dir), "teacher_weights_hash": teacher_hash,
             "relevance_index_hash": index.content_hash(), "data_fingerprint": data_fp,
         }
+        summary.update(summary_cache)
         if pruning is not None:
             summary["pruning"] = pruning
-        summary["model_uri"] = task.log_model(tracking, out_dir, paths.prepared)
+        summary["model_uri"] = None  # the student is complete on disk first: an MLflow failure now loses nothing
         write_json(out_dir / "flexkd_student.json", summary)
         write_json(paths.distill_metrics(student, method), {
             "validation": scores, "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
-            "steps": summary["steps"],
+            "steps": summary["steps"], "teacher_outputs": summary["teacher_outputs"],
         })
+        try:
+            tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
+            summary["model_uri"] = task.log_model(tracking, out_dir, paths.prepared)
+        except Exception as err:  # noqa: BLE001 - whatever MLflow raised, say where the student is
+            message = (f"{student}/{method}: the trained student is saved in {out_dir}, but logging it to MLflow failed "
+                       f"({type(err).__name__}: {err}); once the tracking server answers, `python -m flows.publish` "
+                       "logs it and registers the best student")
+            print(f"\nflexkd: {message}\n")
+            raise FlexKDError(message) from err
+        write_json(out_dir / "flexkd_student.json", summary)
         print(f"{student}/{method}: validation {metric} {scores[metric]:.4f} in {summary['train_seconds']:.0f}s of training")
     return summary
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import fingerprint, load_params, paths_for, run_cli, write_json
+from flows.common import fingerprint, load_params, paths_for, preflight, run_cli, write_json
 
 
 @flow(name="flexkd-finetune-teacher", log_prints=True)
 def finetune_teacher_flow(params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.data.prepare import split_fingerprint
     from flexkd.models import count_parameters, load_tokenizer, save_checkpoint
     from flexkd.provenance import weights_hash
     from flexkd.tasks import task_for
-    from flexkd.train import set_threads, task_loss, train_loop
+    from flexkd.launch import run_training
+    from flexkd.train import set_threads, task_loss
 
     cfg = load_params(params)
     paths = paths_for(cfg)
+    preflight(cfg)  # wrong sizes, plans or tokenizers: before any model is loaded
     task = task_for(cfg)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
@@ -43,12 +45,13 @@ def finetune_teacher_flow(params: str | None = None) -> dict:
             train = task.features(paths.prepared, "train", tokenizer)
             run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.generation.model_dump(),
                                  cfg.project.seed, data_fp)
-            result = train_loop(
-                model=model, loss_fn=task_loss(model), train_data=train, collate=collate,
-                settings=teacher_cfg.finetune, seed=cfg.project.seed, work_dir=paths.scratch("teacher", run_fp),
-                fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
-                select_metric=metric, log=tracking.log_metrics, desc="teacher",
-            )
+            with resources.compute():
+                result = run_training(  # train_loop, under accelerate launch when num_processes > 1
+                    model=model, loss_fn=task_loss(model), train_data=train, collate=collate,
+                    settings=teacher_cfg.finetune, seed=cfg.project.seed, work_dir=paths.scratch("teacher", run_fp),
+                    fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
+                    select_metric=metric, log=tracking.log_metrics, desc="teacher",
+                )
             summary.update(best_step=result.state.best_step, steps=result.total_steps)
             timing = {"train_seconds": round(result.state.train_seconds, 2), "resumed_from": result.resumed_from}
         else:

@@ -51,6 +51,10 @@ def test_every_stage_writes_its_outputs(project):
             assert info["steps"] == 15 and info["model_uri"] and info["init"] == ("prune" if name == "pruned" else "random")
             metrics = json.loads((root / f"metrics/distill/{name}/{method}.json").read_text())
             assert 0 <= metrics["validation"]["accuracy"] <= 1
+            # the default params cache the teacher (all units: projector and cka are trained too)
+            assert info["teacher_outputs"] == ("none" if method == "ft" else "cache")
+    cache = json.loads((root / "data/teacher_cache/sst2/meta.json").read_text())
+    assert cache["n_examples"] == 240 and cache["columns"] == list(range(32)) and cache["bytes"] == cache["full_width_bytes"]
     pruned = json.loads((root / "runs/students/sst2/pruned/flexkd/flexkd_student.json").read_text())
     assert pruned["pruning"]["hidden_units"] == sorted(index["indices"]) and pruned["pruning"]["layers"] == [1]
     evaluation = json.loads((root / "metrics/evaluation.json").read_text())
@@ -63,7 +67,7 @@ def test_every_stage_writes_its_outputs(project):
         assert f"| {method} |" in table or f"| **{method}** |" in table
     assert "| teacher |" in table and "MCC" in table and "parameters" in table
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert {"validate", "prepare", "finetune_teacher", "relevance", "evaluate", "register"} <= set(lock["stages"])
+    assert {"validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "evaluate", "register"} <= set(lock["stages"])
     assert {f"distill@{s}-{m}" for s in STUDENTS for m in METHODS} <= set(lock["stages"])
 
 
@@ -160,3 +164,22 @@ def test_readme_variant_with_dvc_exp_run(project):
     batch_sizes = [r["data"]["params"]["params.yaml"]["data"]["evaluate"]["batch_size"]
                    for e in experiments for r in e["revs"]]
     assert 64 in batch_sizes, shown
+
+
+def test_benchmark_measurements_run_on_the_project(project):
+    """The speed ratios, cache sizes and the relevance sanity ablation of `make benchmark`, on the tiny project."""
+    from benchmarks.sanity import ablation
+    from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
+
+    root, _ = project
+    steps = distill_step_times(root, rounds=2, warmup=1)
+    assert set(steps["median_step_seconds"]) == {"ft/online"} | {f"{m}/{s}" for m in METHODS[1:] for s in ("online", "cache")}
+    assert steps["ratio_to_plain_step"]["ft/online"] == 1.0 and 0 < steps["flexkd_term_share"] < 1
+    assert set(steps["cached_over_online"]) == set(METHODS[1:])
+    relevance = relevance_time_ratio(root, n_batches=2)
+    assert relevance["ratio"] > 0 and relevance["batches"] == 2
+    sizes = cache_sizes(root)
+    assert sizes["selected"]["columns"] == 16 and sizes["full"]["columns"] == 32
+    assert 0.4 < sizes["selected_over_full"] < 0.6  # hidden states dominate: 16 of 32 units
+    sanity = ablation(root, ks=[8], random_draws=1)
+    assert set(sanity["by_k"]["8"]) == {"top", "bottom", "random_mean"} and 0 <= sanity["none"] <= 1

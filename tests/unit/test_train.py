@@ -105,3 +105,17 @@ def test_best_checkpoint_selected_on_validation(tmp_path):
     from safetensors.torch import load_file
     best = load_file(tmp_path / "best" / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+
+
+def test_checkpoint_lost_between_the_two_renames_is_restored(tmp_path):
+    """atomic_dir moves the old checkpoint aside, then renames the new one in; a kill between the two leaves only
+    `.checkpoint.old-*`: the rerun puts it back and resumes from it instead of starting over."""
+    import os
+
+    with pytest.raises(Interrupted):
+        _run_flexkd(tmp_path, stop_after=6)
+    checkpoint = tmp_path / "checkpoint"
+    os.replace(checkpoint, tmp_path / ".checkpoint.old-deadbeef")  # the state a kill in the window leaves
+    (tmp_path / ".checkpoint.tmp-cafe").mkdir()  # and a half-written new one, never read
+    _, _, result, _ = _run_flexkd(tmp_path)
+    assert result.resumed_from == 6 and checkpoint.exists()
