@@ -64,7 +64,7 @@ def comparison_table(evaluation: dict, order: list[str] | None = None) -> str:
 
 @flow(name="flexkd-evaluate", log_prints=True)
 def evaluate_flow(params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.data.prepare import load_split
     from flexkd.errors import FlexKDError
     from flexkd.models import count_parameters, load_tokenizer
@@ -85,7 +85,8 @@ def evaluate_flow(params: str | None = None) -> dict:
 
         def score(directory, name):
             model = task.load_model(str(directory))
-            scores, predictions = task.test_scores(model, tokenizer, paths.prepared)
+            with resources.compute():
+                scores, predictions = task.test_scores(model, tokenizer, paths.prepared)
             outputs[name] = predictions
             return {**scores, "parameters": count_parameters(model)}
 

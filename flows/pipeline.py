@@ -2,18 +2,33 @@
 
 DVC decides what is stale and runs each stale stage's flow (validate → prepare → finetune_teacher → relevance →
 distill@<method> → evaluate → register); every stage's MLflow run nests under this pipeline's run. This is
-what ``make run`` calls and what the Prefect deployments run on work pools.
+what ``make run`` calls and what the Prefect deployments (``prefect.yaml``) run on work pools.
+
+Two parameters change ``params.yaml`` before anything runs, so that a deployment run can pick its set-up:
+
+- ``profile``: copy ``profiles/<profile>.yaml`` over ``params.yaml`` (what ``make profile`` does); an unknown
+  name is refused with the list of profiles;
+- ``overrides``: dotted keys, e.g. ``{"distill.train.epochs": 1, "distill.methods": ["ft", "flexkd"]}``, set in
+  ``params.yaml`` (after the profile, comments kept) the way ``dvc exp run -S`` does.
+
+The result is validated by :func:`flexkd.config.parse_config` before ``params.yaml`` is written: a wrong key or
+value stops the run with a message naming the key, and leaves ``params.yaml`` as it was. Both are recorded as
+params of the MLflow pipeline run (``pipeline.profile``, ``pipeline.overrides`` and one ``override.<key>`` each).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any, Mapping
 
 from prefect import flow
 
-from flows.common import load_params, paths_for
+from flows.common import load_params, paths_for, preflight, project_root
 
 
 def _prefect_api_for_children() -> str | None:
@@ -29,15 +44,139 @@ def _prefect_api_for_children() -> str | None:
         return None
 
 
-@flow(name="flexkd-pipeline", log_prints=True)
-def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> dict:
+# ------------------------------------------------------------------------------------ profile and overrides
+def available_profiles(root: Path) -> list[str]:
+    directory = Path(root) / "profiles"
+    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+
+
+def _yaml():
+    from ruamel.yaml import YAML  # round-trip: keeps the comments of params.yaml (a DVC dependency)
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.width = 120
+    rt.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def _flow_style(value: Any) -> Any:
+    """A list of scalars as ``[a, b]``, like the lists in params.yaml."""
+    from ruamel.yaml.comments import CommentedSeq
+
+    if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
+        seq = CommentedSeq(value)
+        seq.fa.set_flow_style()
+        return seq
+    return value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    from flexkd.errors import ConfigError
+
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or any(not part.strip() for part in parts):
+        raise ConfigError(f"overrides: {key!r} is not a dotted parameter key such as 'distill.train.epochs'")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, Mapping) else None
+        if child is None:
+            node[part] = child = {}  # an unknown group: parse_config names it below
+        if not isinstance(child, Mapping):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"overrides: {key}: {where} is a value ({child!r}), not a group of parameters")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_profile_and_overrides(root: Path, profile: str | None = None,
+                                overrides: Mapping[str, Any] | None = None) -> bool:
+    """Write ``params.yaml`` from ``profiles/<profile>.yaml`` and/or dotted ``overrides``, validated first.
+
+    Returns True when ``params.yaml`` changed. Raises :class:`flexkd.errors.ConfigError` (``params.yaml``
+    untouched) for an unknown profile, a malformed key, or a result that :func:`parse_config` rejects.
+    """
+    from flexkd.config import parse_config
+    from flexkd.errors import ConfigError
+
+    root = Path(root)
+    params = root / "params.yaml"
+    if not profile and not overrides:
+        return False
+    source = params
+    if profile:
+        names = available_profiles(root)
+        if profile not in names:
+            listed = ", ".join(names) if names else f"none: {root / 'profiles'} has no .yaml files"
+            raise ConfigError(f"profile: unknown profile {profile!r}; the profiles are: {listed}")
+        source = root / "profiles" / f"{profile}.yaml"
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
+    if not source.is_file():
+        raise ConfigError(f"{source}: parameter file not found")
+    text = source.read_text(encoding="utf-8")
+    if overrides:
+        rt = _yaml()
+        tree = rt.load(text) or {}
+        for key, value in overrides.items():
+            _set_dotted(tree, key, _flow_style(value))
+        out = io.StringIO()
+        rt.dump(tree, out)
+        text = out.getvalue()
+    import yaml
+
+    label = f"{source.relative_to(root)}" + (f" with overrides {json.dumps(dict(overrides), default=str)}" if overrides else "")
+    parse_config(yaml.safe_load(text) or {}, source=label)  # a wrong key or value stops here, nothing written
+    if params.exists() and params.read_text(encoding="utf-8") == text:
+        return False
+    tmp = params.with_name(f".params.yaml.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, params)
+    return True
+
+
+def _log_choice(run_id: str, profile: str | None, overrides: Mapping[str, Any] | None) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
     from flexkd import tracking
 
+    values = {"pipeline.profile": profile or "none",
+              "pipeline.overrides": json.dumps(dict(overrides or {}), sort_keys=True, default=str)}
+    for key, value in (overrides or {}).items():
+        values[f"override.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    params = [Param(key, value) for key, value in tracking.flatten_params(values).items()]
+    mlflow.MlflowClient().log_batch(run_id, params=params)
+
+
+# ----------------------------------------------------------------------------------------------- the flow
+@flow(name="flexkd-pipeline", log_prints=True)
+def pipeline_flow(
+    targets: list[str] | None = None,
+    force: bool = False,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Run the pipeline (``dvc repro``) on ``params.yaml``, after applying ``profile`` and ``overrides``.
+
+    Args:
+        targets: dvc stages to reproduce (default: all).
+        force: rerun every stage even if nothing changed.
+        profile: a name under ``profiles/`` copied over ``params.yaml`` first (``sst2``, ``alpaca``, ...).
+        overrides: dotted keys set in ``params.yaml``, e.g. ``{"distill.train.epochs": 1}``.
+    """
+    from flexkd import tracking
+
+    if apply_profile_and_overrides(project_root(), profile, overrides):
+        print(f"params.yaml: profile={profile or '-'} overrides={json.dumps(overrides or {}, default=str)}")
     cfg = load_params()  # a wrong param stops here, before any stage runs
+    preflight(cfg, data=True)  # so do missing data, k > d_T, a prune plan the teacher cannot fit, a foreign tokenizer
     paths = paths_for(cfg)
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
     parent = tracking.start_pipeline_run(paths.root, cfg.project.experiment)
+    _log_choice(parent, profile, overrides)
     env = dict(os.environ, FLEXKD_PIPELINE_RUN_ID=parent, FLEXKD_PROJECT_ROOT=str(paths.root))
     api = _prefect_api_for_children()
     if api:
@@ -53,15 +192,31 @@ def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> dict
     return {"pipeline_run_id": parent, "comparison": str(paths.comparison)}
 
 
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.train.epochs=1")
+        overrides[key.strip()] = yaml.safe_load(value)  # 1 -> int, [ft, flexkd] -> list, text -> str
+    return overrides
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the whole pipeline (dvc repro inside a Prefect flow).")
     parser.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if nothing changed")
+    parser.add_argument("--profile", default=None, help="copy profiles/<PROFILE>.yaml over params.yaml first")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a dotted param in params.yaml first, e.g. --set distill.train.epochs=1 (repeatable)")
     args = parser.parse_args()
     try:
-        pipeline_flow(targets=args.targets or None, force=args.force)
+        pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile,
+                      overrides=_parse_set(args.overrides) or None)
     except Exception as err:  # noqa: BLE001
         print(f"\nflexkd: pipeline failed: {err}", file=sys.stderr)
         sys.exit(1)

@@ -9,7 +9,7 @@ from flows.common import load_params, paths_for, run_cli
 
 @flow(name="flexkd-prepare", log_prints=True)
 def prepare_flow(params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.tasks import task_for
 
     cfg = load_params(params)
@@ -17,7 +17,8 @@ def prepare_flow(params: str | None = None) -> dict:
     tracking.setup(paths.root, cfg.project.experiment)
     with tracking.stage_run("prepare", project_root=paths.root, experiment=cfg.project.experiment, params={"data": cfg.data.model_dump(), "seed": cfg.project.seed}):
         task = task_for(cfg)
-        manifest = task.prepare(task.load_raw(), paths.prepared)
+        with resources.compute():
+            manifest = task.prepare(task.load_raw(), paths.prepared)
         targets = None if task.is_generation else "label"
         for split in ("train", "validation", "test"):
             tracking.log_dataset(paths.prepared / f"{split}.jsonl", name=f"{cfg.data.task}-{split}", targets=targets,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import load_params, paths_for, read_json, run_cli
+from flows.common import load_params, paths_for, preflight, read_json, run_cli
 
 
 @flow(name="flexkd-relevance", log_prints=True)
 def relevance_flow(params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.data.prepare import split_fingerprint
     from flexkd.errors import ProvenanceError
     from flexkd.models import load_tokenizer
@@ -25,6 +25,7 @@ def relevance_flow(params: str | None = None) -> dict:
 
     cfg = load_params(params)
     paths = paths_for(cfg)
+    preflight(cfg, tuned_teacher=True)  # wrong sizes, plans or tokenizers: before any model is loaded
     task = task_for(cfg)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
@@ -40,8 +41,9 @@ def relevance_flow(params: str | None = None) -> dict:
         collate = task.collate(tokenizer)
         features = task.features(paths.prepared, "train", tokenizer, limit=cfg.relevance.n_examples)
         batches = (collate(features[i : i + cfg.relevance.batch_size]) for i in range(0, len(features), cfg.relevance.batch_size))
-        scores, n_examples = score_units(teacher, batches, method=cfg.relevance.method,
-                                         max_examples=cfg.relevance.n_examples, task=task.relevance_task)
+        with resources.compute():
+            scores, n_examples = score_units(teacher, batches, method=cfg.relevance.method,
+                                             max_examples=cfg.relevance.n_examples, task=task.relevance_task)
         index = RelevanceIndex.from_scores(
             scores, cfg.k, method=cfg.relevance.method, n_examples=n_examples,
             teacher=teacher_info["spec"], teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, order=cfg.relevance.order,

@@ -14,7 +14,7 @@ from flows.common import load_params, paths_for, run_cli, write_json
 
 @flow(name="flexkd-validate", log_prints=True)
 def validate_flow(params: str | None = None) -> dict:
-    from flexkd import tracking
+    from flexkd import resources, tracking
     from flexkd.data.task import describe_sources
     from flexkd.data.validation import raise_for_failures
     from flexkd.tasks import task_for
@@ -28,8 +28,9 @@ def validate_flow(params: str | None = None) -> dict:
         "validate", project_root=paths.root, experiment=cfg.project.experiment,
         params={"data": cfg.data.model_dump(), "validation": cfg.validation.model_dump()},
     ):
-        splits = task.load_raw()
-        report = task.validate(splits)
+        with resources.compute():
+            splits = task.load_raw()
+            report = task.validate(splits)
         json_path, md_path = report.save(paths.validated)
         sources = describe_sources(cfg.data, splits)
         write_json(paths.validated / "sources.json", sources)
