@@ -42,3 +42,47 @@ ui: $(STAMP)
 
 clean:
 	rm -rf .flexkd runs data/validated data/prepared data/relevance metrics reports/comparison.md reports/registry.json mlflow.db mlartifacts
+
+# ------------------------------------------------ deploy: servers, work pools, workers (README, "Deploy: ...")
+# Each in a terminal of its own: `make servers` (Prefect and MLflow on loopback, in the foreground; Ctrl-C stops
+# both), `make worker` (the process pool, every flow's `process` deployment, a worker), then
+# `make deployment-run PROFILE=sst2 OVERRIDES='{"distill.train.epochs": 1}'`. The README's walkthrough does the same.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+SERVER_DIR ?= $(abspath .flexkd/servers)
+OVERRIDES ?= {}
+DEPLOY_ENV = PATH="$(abspath $(BIN)):$$PATH" PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) FLEXKD_PROJECT_ROOT=$(CURDIR)
+
+.PHONY: servers prefect-server mlflow-server worker deployment-run
+
+servers: $(STAMP)
+	$(MAKE) -j2 prefect-server mlflow-server
+
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+mlflow-server: $(STAMP)
+	mkdir -p $(SERVER_DIR)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	  --backend-store-uri sqlite:///$(SERVER_DIR)/mlflow.db --artifacts-destination $(SERVER_DIR)/mlartifacts
+
+worker: $(STAMP)
+	$(DEPLOY_ENV) prefect work-pool create flexkd-process --type process --overwrite
+	$(DEPLOY_ENV) prefect --no-prompt deploy --name process
+	$(DEPLOY_ENV) prefect worker start --pool flexkd-process
+
+deployment-run: $(STAMP)
+	$(DEPLOY_ENV) prefect deployment run flexkd-pipeline/process $(if $(PROFILE),--param profile=$(PROFILE)) \
+	  --param 'overrides=$(OVERRIDES)' --watch
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+# Every method x student x 3 seeds on SST-2 and CoLA (real pipeline runs in benchmarks/work/, reused when complete),
+# then the speed ratios; writes BENCHMARKS.md and benchmarks/results.json. Hours on a 2-core CPU.
+# Narrow it with BENCHMARK_ARGS, e.g. BENCHMARK_ARGS="--profiles sst2 --seeds 42 --set distill.train.epochs=1".
+BENCHMARK_ARGS ?=
+
+.PHONY: benchmark
+
+benchmark: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m benchmarks.run $(BENCHMARK_ARGS)
