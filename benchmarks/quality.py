@@ -1,0 +1,169 @@
+"""The seeded quality benchmark: every method, every student set-up, several seeds, on several tasks.
+
+One Prefect flow. For each (profile, seed) it makes a workspace under ``benchmarks/work/<profile>-seed<seed>/``
+(the project's code, dvc.yaml and the profile's params with ``project.seed`` set), runs the real pipeline there
+(``python -m flows.pipeline``: ``dvc repro`` of every stage, each tracked in the workspace's MLflow store) and
+reads back ``metrics/evaluation.json``. A workspace whose pipeline finished with the same params is reused, so
+an interrupted benchmark continues where it stopped. Then it aggregates mean ± std per student and method, and the
+flexkd - projector delta paired by seed, and runs the relevance sanity check on each task's first seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, task
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = ("flexkd", "flows", "dvc.yaml", ".dvcignore")
+
+
+def make_workspace(directory: Path, params: dict) -> Path:
+    """A project copy that runs on its own: code, dvc.yaml, params.yaml; DVC without git (no commits needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in CODE:
+        source, target = REPO / name, directory / name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (directory / ".dvc").exists():
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=directory, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=directory, check=True)
+    return directory
+
+
+def params_for(profile: str | Path, seed: int, overrides: dict | None = None) -> dict:
+    path = Path(profile) if str(profile).endswith(".yaml") else REPO / "profiles" / f"{profile}.yaml"
+    params = yaml.safe_load(path.read_text())
+    params.setdefault("project", {})["seed"] = int(seed)
+    for dotted, value in (overrides or {}).items():
+        node = params
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    from flexkd.config import parse_config
+
+    parse_config(params, source=f"{path.name} (seed {seed})")  # a wrong override stops here, before any run
+    return params
+
+
+@task(name="pipeline-run")
+def run_pipeline(workspace: Path, params: dict) -> dict:
+    """Run the whole pipeline in ``workspace`` unless it already finished with these params; return its record."""
+    record_path = workspace / "benchmark_run.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("params") == params and (workspace / "metrics" / "evaluation.json").exists():
+            print(f"{workspace.name}: finished before with the same params; reused")
+            return record
+    make_workspace(workspace, params)
+    env = dict(os.environ, FLEXKD_PROJECT_ROOT=str(workspace))
+    env.pop("FLEXKD_PIPELINE_RUN_ID", None)
+    began = time.perf_counter()
+    log = workspace / "pipeline.log"
+    with open(log, "w") as handle:
+        completed = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=workspace, env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - began
+    if completed.returncode != 0:
+        raise RuntimeError(f"{workspace.name}: the pipeline failed (exit {completed.returncode}); see {log}")
+    record = {"params": params, "wall_seconds": wall,
+              "evaluation": json.loads((workspace / "metrics" / "evaluation.json").read_text()),
+              "stages": stage_resources(workspace, params)}
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def stage_resources(workspace: Path, params: dict) -> dict:
+    """Peak RSS, compute and wall seconds of each stage run of the workspace's last pipeline run (from MLflow)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params["project"]["experiment"])
+    parent = (workspace / ".flexkd" / "pipeline_run_id").read_text().strip()
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=500)
+    stages: dict[str, dict] = {}
+    for run in runs:
+        metrics = run.data.metrics
+        if "resources/peak_rss_mb" not in metrics:
+            continue
+        name = run.info.run_name or run.data.tags.get("flexkd.stage", "?")
+        stages[name] = {"peak_rss_mb": metrics["resources/peak_rss_mb"],
+                        "compute_seconds": metrics.get("resources/compute_seconds", 0.0),
+                        "stage_seconds": metrics.get("resources/stage_seconds", 0.0)}
+    return dict(sorted(stages.items()))
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def aggregate(records: list[dict]) -> dict:
+    """mean ± std per student/method (and teacher) of the primary metric over seeds; flexkd - projector per seed."""
+    primary = records[0]["evaluation"]["primary_metric"]
+    table: dict[str, list[float]] = {"teacher": []}
+    for record in records:
+        evaluation = record["evaluation"]
+        table["teacher"].append(evaluation["teacher"][primary])
+        for name, scores in evaluation["students"].items():
+            table.setdefault(name, []).append(scores[primary])
+    result = {"primary_metric": primary, "seeds": [r["params"]["project"]["seed"] for r in records],
+              "scores": {name: _mean_std(values) for name, values in table.items()}, "flexkd_minus_projector": {}}
+    for student in {name.split("/")[0] for name in table if "/" in name}:
+        flex, proj = table.get(f"{student}/flexkd"), table.get(f"{student}/projector")
+        if flex and proj and len(flex) == len(proj):
+            result["flexkd_minus_projector"][student] = _mean_std([f - p for f, p in zip(flex, proj)])
+    return result
+
+
+@task(name="relevance-sanity")
+def relevance_sanity(workspace: Path, params: dict) -> dict:
+    """METHOD.md's check: silence the top-scored vs. the bottom-scored k teacher units; the teacher's accuracy."""
+    from benchmarks.sanity import ablation
+
+    return ablation(workspace)
+
+
+def overhead(record: dict) -> dict:
+    """The pipeline's wall time split into compute (training, scoring, caching, evaluation, validation) and the rest."""
+    compute = sum(stage["compute_seconds"] for stage in record["stages"].values())
+    wall = record["wall_seconds"]
+    return {"wall_seconds": wall, "compute_seconds": compute, "other_seconds": wall - compute,
+            "overhead_ratio": (wall - compute) / wall if wall else None}
+
+
+@flow(name="flexkd-benchmark-quality", log_prints=True)
+def quality_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+                 overrides: dict | None = None, sanity: bool = True) -> dict:
+    work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
+    results = {}
+    for profile in profiles:
+        records = []
+        for seed in seeds:
+            params = params_for(profile, seed, overrides)
+            name = Path(profile).stem if str(profile).endswith(".yaml") else profile
+            records.append(run_pipeline(work / f"{name}-seed{seed}", params))
+            print(f"{name} seed {seed}: done in {records[-1]['wall_seconds']:.0f}s")
+        name = Path(profile).stem if str(profile).endswith(".yaml") else profile
+        first = work / f"{name}-seed{seeds[0]}"
+        results[name] = {
+            "task": records[0]["evaluation"]["task"],
+            "quality": aggregate(records),
+            "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in records],
+            "sanity": relevance_sanity(first, records[0]["params"]) if sanity else None,
+        }
+    return results

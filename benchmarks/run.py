@@ -1,0 +1,214 @@
+"""The benchmark command: ``python -m benchmarks.run`` (``make benchmark``) writes BENCHMARKS.md and benchmarks/results.json.
+
+1. Quality (benchmarks/quality.py): every method × student set-up × seed on each profile (default: SST-2 and CoLA,
+   seeds 42, 43, 44), each a real pipeline run in its own workspace; mean ± std and the flexkd - projector delta.
+   The same runs give the orchestration overhead (pipeline wall time minus the stages' compute seconds) and the
+   peak RSS of each stage.
+2. Speed (benchmarks/speed.py), on the first profile's first-seed workspace: relevance scoring vs. a plain teacher
+   forward + backward, distill step time per method with the teacher online and cached vs. a plain student step,
+   the Flex-KD term's own share of a step, and the cache's size with the selected units vs. every unit.
+All speeds are ratios measured inside one run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20  # GiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+@flow(name="flexkd-benchmark", log_prints=True)
+def benchmark_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+                   overrides: dict | None = None, rounds: int = 12, output: str | None = None) -> dict:
+    from benchmarks.quality import quality_flow
+    from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
+
+    work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
+    quality = quality_flow(profiles=list(profiles), seeds=list(seeds), work_dir=str(work), overrides=overrides)
+    first = work / f"{Path(profiles[0]).stem}-seed{seeds[0]}"
+    speed = {
+        "workspace": first.name,
+        "relevance": relevance_time_ratio(first),
+        "distill_steps": distill_step_times(first, rounds=rounds),
+        "cache_sizes": cache_sizes(first),
+    }
+    results = {"machine": machine(), "profiles": list(profiles), "seeds": list(seeds), "overrides": overrides or {},
+               "quality": quality, "speed": speed}
+    out = Path(output) if output else REPO
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks").mkdir(exist_ok=True)
+    (out / "benchmarks" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "BENCHMARKS.md").write_text(render(results))
+    print(f"wrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks' / 'results.json'}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _pm(stats: dict, scale: float = 1.0) -> str:
+    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
+
+
+def _goal(value: float, goal: float, below: bool = True) -> str:
+    met = value <= goal if below else value >= goal
+    return f"{'met' if met else 'NOT met'} (goal {'≤' if below else '≥'} {goal:g})"
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    speed = results["speed"]
+    lines = [
+        "# BENCHMARKS",
+        "",
+        "Written by `python -m benchmarks.run` (`make benchmark`); raw numbers in `benchmarks/results.json`. Speeds are",
+        "ratios measured inside one run, configurations interleaved batch by batch, so that a noisy machine slows them alike.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; "
+        f"Python {m['python']}, torch {m['torch']}; {m['platform']}; {m['date']}.",
+        f"Profiles: {', '.join(results['profiles'])}; seeds: {', '.join(map(str, results['seeds']))}"
+        + (f"; overrides: `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".",
+        "",
+        "## Where the time goes",
+        "",
+    ]
+    rel = speed["relevance"]
+    lines += [
+        f"Relevance scoring vs. a plain teacher forward + backward over the same {rel['batches']} batches of "
+        f"{rel['batch_size']}: **{rel['ratio']:.2f}x**, {_goal(rel['ratio'], 1.3)}.",
+        "",
+    ]
+    steps = speed["distill_steps"]
+    lines += [
+        f"Distill step time (student `{steps['student']}`, batch {steps['batch_size']}, median of {steps['rounds']} "
+        "interleaved rounds) relative to a plain student step (`ft`: task loss only):",
+        "",
+        "| method | teacher online | teacher cached | cached / online |",
+        "|---|---:|---:|---:|",
+    ]
+    ratios = steps["ratio_to_plain_step"]
+    for method in dict.fromkeys(name.split("/")[0] for name in ratios):
+        online, cached = ratios.get(f"{method}/online"), ratios.get(f"{method}/cache")
+        both = steps.get("cached_over_online", {}).get(method)
+        lines.append(f"| {method} | {online:.2f} | {'' if cached is None else f'{cached:.2f}'} | "
+                     f"{'' if both is None else f'{both:.2f}'} |")
+    if "flexkd_term_share" in steps:
+        lines += ["", f"The Flex-KD term's own forward + backward: **{steps['flexkd_term_share']:.1%}** of a flexkd step "
+                      f"(teacher online), {_goal(steps['flexkd_term_share'], 0.05)}."]
+    sizes = speed["cache_sizes"]
+    lines += [
+        "",
+        f"Teacher cache of the training split ({sizes['selected']['positions']:,} token positions): selected units "
+        f"({sizes['selected']['columns']}) {sizes['selected']['bytes'] / 2**20:.1f} MiB vs. every teacher unit "
+        f"({sizes['full']['columns']}) {sizes['full']['bytes'] / 2**20:.1f} MiB: **{sizes['selected_over_full']:.2f}x**.",
+        "",
+        "Orchestration overhead: pipeline wall time (`python -m flows.pipeline`, i.e. `make run` once installed) minus "
+        "the seconds the stages spend computing (training, relevance scoring, caching, evaluation, data validation); "
+        "the rest is Prefect, MLflow, DVC, process start-up, imports and model loading.",
+        "",
+        "| run | wall (s) | compute (s) | other (s) | overhead |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    overheads = []
+    for name, block in results["quality"].items():
+        for run in block["runs"]:
+            overheads.append(run["overhead_ratio"])
+            lines.append(f"| {name} seed {run['seed']} | {run['wall_seconds']:.0f} | {run['compute_seconds']:.0f} | "
+                         f"{run['other_seconds']:.0f} | {run['overhead_ratio']:.1%} |")
+    if overheads:
+        mean = sum(overheads) / len(overheads)
+        lines += ["", f"Mean overhead **{mean:.1%}**, {_goal(mean, 0.10)}."]
+    first_profile = next(iter(results["quality"]))
+    stages = results["quality"][first_profile]["runs"][0]["stages"]
+    lines += ["", f"Peak resident memory per stage ({first_profile}, seed {results['seeds'][0]}):", "",
+              "| stage run | peak RSS (MiB) | compute (s) | stage (s) |", "|---|---:|---:|---:|"]
+    for name, stage in stages.items():
+        lines.append(f"| {name} | {stage['peak_rss_mb']:.0f} | {stage['compute_seconds']:.1f} | {stage['stage_seconds']:.1f} |")
+    lines += ["", "## Quality", ""]
+    for name, block in results["quality"].items():
+        quality = block["quality"]
+        metric = quality["primary_metric"]
+        scale = 100.0
+        scores = quality["scores"]
+        from flexkd.config import METHODS
+
+        found = {k.split("/")[1] for k in scores if "/" in k}
+        methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+        students = list(dict.fromkeys(k.split("/")[0] for k in scores if "/" in k))
+        lines += [f"### {name} ({block['task']}): test {metric} × 100, mean ± std over seeds {quality['seeds']}", "",
+                  "| student | " + " | ".join(methods) + " | flexkd − projector |",
+                  "|---|" + "---:|" * (len(methods) + 1)]
+        for student in students:
+            cells = [_pm(scores[f"{student}/{method}"], scale) if f"{student}/{method}" in scores else "" for method in methods]
+            delta = quality["flexkd_minus_projector"].get(student)
+            lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale) if delta else ''} |")
+        lines += ["", f"Teacher: {_pm(scores['teacher'], scale)}.", ""]
+        sanity = block.get("sanity")
+        if sanity:
+            lines += [f"Relevance sanity check ({name}, seed {quality['seeds'][0]}): the teacher's test {metric} × 100 "
+                      f"with k of its {sanity['d_teacher']} last-layer units silenced (none silenced: "
+                      f"{sanity['none'] * scale:.2f}).", "",
+                      "| k | top-scored silenced | bottom-scored silenced | random (mean of 3) |", "|---:|---:|---:|---:|"]
+            for k, row in sanity["by_k"].items():
+                lines.append(f"| {k} | {row['top'] * scale:.2f} | {row['bottom'] * scale:.2f} | {row['random_mean'] * scale:.2f} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the benchmarks; write BENCHMARKS.md and benchmarks/results.json.")
+    parser.add_argument("--profiles", nargs="+", default=["sst2", "cola"], help="profile names or params files")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--work-dir", default=None, help="workspaces (default benchmarks/work; reused when complete)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param in every run (YAML value), e.g. --set distill.train.epochs=1")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the step-time benchmark")
+    parser.add_argument("--output", default=None, help="where BENCHMARKS.md goes (default: the repository)")
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        benchmark_flow(profiles=args.profiles, seeds=args.seeds, work_dir=args.work_dir, overrides=overrides or None,
+                       rounds=args.rounds, output=args.output)
+    except Exception as err:  # noqa: BLE001
+        print(f"\nflexkd benchmark failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
