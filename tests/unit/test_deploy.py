@@ -170,6 +170,21 @@ def test_compose_matches_the_docker_deployments():
     assert "--base-job-template deploy/work-pools/docker.json" in command and "--name docker" in command
 
 
+def test_compose_file_follows_the_compose_specification():
+    """Schema check everywhere (the compose_spec parser, spec-compliant; YAML merge keys resolved first), so a
+    misspelt or misplaced key fails here even where no Docker client with the compose plugin exists."""
+    import json
+
+    from compose_spec import PyCompose
+
+    parsed = PyCompose.from_json(json.dumps(compose()))
+    assert set(compose()["services"]) <= {name for name in compose()["services"] if name in parsed}
+    broken = compose()
+    broken["services"]["mlflow"]["portz"] = ["5000:5000"]
+    with pytest.raises(ValueError, match="portz"):
+        PyCompose.from_json(json.dumps(broken))
+
+
 def _docker_compose_available() -> str | None:
     if shutil.which("docker") is None:
         return "no docker client on this machine"
