@@ -1,0 +1,46 @@
+"""`python -m benchmarks.run` (what `make benchmark` calls) from start to end on a tiny profile and one seed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from tests.integration.project import REPO, env_for, run, save_tiny_bert, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_command_writes_the_report_and_reuses_finished_runs(tmp_path, data_dir):
+    teacher = save_tiny_bert(tmp_path / "teacher", hidden=32, layers=2)
+    params = tiny_params(data_dir, teacher, **{"distill.students": ["random"], "distill.methods": ["ft", "projector", "flexkd"],
+                                                "data.max_train": 120})
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(params, sort_keys=False))
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, "-m", "benchmarks.run", "--profiles", str(profile), "--seeds", "7", "--work-dir", str(work),
+               "--rounds", "2", "--output", str(out)]
+    run(command, REPO, env=env_for(REPO))
+
+    report = (out / "BENCHMARKS.md").read_text()
+    results = json.loads((out / "benchmarks" / "results.json").read_text())
+    assert results["machine"]["cores"] and "Machine:" in report
+    quality = results["quality"]["tiny"]
+    assert quality["quality"]["seeds"] == [7] and set(quality["quality"]["scores"]) == {
+        "teacher", "random/ft", "random/projector", "random/flexkd"}
+    assert "random" in quality["quality"]["flexkd_minus_projector"]
+    run_record = quality["runs"][0]
+    assert 0 < run_record["compute_seconds"] < run_record["wall_seconds"]
+    assert {"validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "evaluate"} <= set(run_record["stages"])
+    assert all(stage["peak_rss_mb"] > 50 for stage in run_record["stages"].values())
+    assert set(quality["sanity"]["by_k"]) and results["speed"]["relevance"]["ratio"] > 0
+    assert results["speed"]["cache_sizes"]["selected_over_full"] < 1
+    for row in ("Relevance scoring vs.", "Distill step time", "Flex-KD term's own", "Teacher cache of the training split",
+                "Mean overhead", "Peak resident memory", "flexkd − projector", "Relevance sanity check"):
+        assert row in report, row
+
+    # a second call reuses the finished workspace instead of rerunning the pipeline
+    completed = run(command, REPO, env=env_for(REPO))
+    assert "finished before with the same params; reused" in completed.stdout + completed.stderr
