@@ -56,6 +56,7 @@ def test_report_holds_every_row_and_the_machine():
                              "sanity": {"metric": "accuracy", "d_teacher": 8, "none": 0.8,
                                         "by_k": {"2": {"top": 0.6, "bottom": 0.79, "random_mean": 0.78}}}}},
         "speed": {
+            "workspace": "sst2-seed1", "measured": "2026-11-29 10:00 UTC",
             "relevance": {"batches": 4, "batch_size": 8, "seconds": {"relevance": 1.0, "plain": 1.0}, "ratio": 1.0},
             "distill_steps": {"student": "random", "batch_size": 8, "rounds": 3,
                               "ratio_to_plain_step": {"ft/online": 1.0, "flexkd/online": 2.0, "flexkd/cache": 1.1},
@@ -65,7 +66,7 @@ def test_report_holds_every_row_and_the_machine():
         },
     }
     text = render(results)
-    assert "Test CPU, 2 cores" in text
+    assert "Test CPU, 2 cores" in text and "Measured on the `sst2-seed1` workspace (2026-11-29 10:00 UTC)." in text
     assert "**1.00x**, met (goal ≤ 1.3)" in text
     assert "| flexkd | 2.00 | 1.10 | 0.55 |" in text
     assert "**1.0%** of a flexkd step" in text and "**0.50x**" in text
