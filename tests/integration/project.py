@@ -83,7 +83,7 @@ def env_for(root: Path, **extra) -> dict:
     return env
 
 
-def run(command: list[str], root: Path, env: dict | None = None, check: bool = True, timeout: int = 900):
+def run(command: list[str], root: Path, env: dict | None = None, check: bool = True, timeout: int = 2400):
     completed = subprocess.run(command, cwd=root, env=env or env_for(root), capture_output=True, text=True, timeout=timeout)
     if check and completed.returncode != 0:
         raise AssertionError(
