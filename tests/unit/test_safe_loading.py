@@ -198,8 +198,9 @@ def test_trust_remote_code_is_off_by_default():
         assert load_config(profile).teacher.trust_remote_code is False, profile.name
     for function in (models.load_tokenizer, models.load_classifier, models.load_causal_lm, preflight.model_config):
         assert inspect.signature(function).parameters["trust_remote_code"].default is False, function.__name__
+    hard_coded = "trust_remote_code=" + "True"  # spelt in two parts so that this file is no hit of the same scan
     for path in SOURCES:
-        assert "trust_remote_code=True" not in path.read_text(encoding="utf-8").replace(" ", ""), path
+        assert hard_coded not in path.read_text(encoding="utf-8").replace(" ", ""), path
 
 
 def test_custom_code_runs_only_when_the_param_turns_it_on(custom_code_model):
