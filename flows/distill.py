@@ -75,16 +75,16 @@ def open_cache(cfg, paths, train, method: str, units: list[int], *, teacher_hash
 @flow(name="flexkd-distill", log_prints=True)
 def distill_flow(student: str, method: str, params: str | None = None) -> dict:
     from flexkd import resources, tracking
+    from flexkd.cache import IndexedCollate, cached_distillation_loss
     from flexkd.config import METHODS
     from flexkd.data.prepare import split_fingerprint
     from flexkd.errors import ConfigError, FlexKDError
+    from flexkd.launch import run_training
     from flexkd.losses import build_objective
     from flexkd.models import count_parameters, hidden_size, load_tokenizer, save_checkpoint
     from flexkd.provenance import weights_hash
     from flexkd.relevance import RelevanceIndex
     from flexkd.tasks import task_for
-    from flexkd.cache import IndexedCollate, cached_distillation_loss
-    from flexkd.launch import run_training
     from flexkd.train import distillation_loss, set_threads
 
     cfg = load_params(params)
