@@ -48,12 +48,10 @@ def params_for(profile: str | Path, seed: int, overrides: dict | None = None) ->
     path = Path(profile) if str(profile).endswith(".yaml") else REPO / "profiles" / f"{profile}.yaml"
     params = yaml.safe_load(path.read_text())
     params.setdefault("project", {})["seed"] = int(seed)
+    from flows.pipeline import set_dotted
+
     for dotted, value in (overrides or {}).items():
-        node = params
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(params, dotted, value)
     from flexkd.config import parse_config
 
     parse_config(params, source=f"{path.name} (seed {seed})")  # a wrong override stops here, before any run

@@ -209,14 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-from", default=None, metavar="RESULTS_JSON",
                         help="reuse the speed section of an earlier results.json (measured on the same first workspace)")
     args = parser.parse_args(argv)
-    import yaml
+    from flows.pipeline import parse_set
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_set(args.set)
     try:
         benchmark_flow(profiles=args.profiles, seeds=args.seeds, work_dir=args.work_dir, overrides=overrides or None,
                        rounds=args.rounds, output=args.output, speed_from=args.speed_from)

@@ -6,16 +6,11 @@ numbers reported are ratios of medians, never absolute speeds.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-
-def _call(loss_fn, model, batch):
-    return loss_fn(model, batch) if len(inspect.signature(loss_fn).parameters) == 2 else loss_fn(batch)
 
 
 def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 12, warmup: int = 2,
@@ -90,7 +85,7 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
         for name, (model, loss_fn, optimizer, make, objective) in configs.items():
             batch = make(ids)
             began = time.perf_counter()
-            loss, _ = _call(loss_fn, model, batch)
+            loss, _ = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -72,7 +72,7 @@ def _flow_style(value: Any) -> Any:
     return value
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
     from flexkd.errors import ConfigError
 
     parts = key.split(".") if isinstance(key, str) else []
@@ -120,7 +120,7 @@ def apply_profile_and_overrides(root: Path, profile: str | None = None,
         rt = _yaml()
         tree = rt.load(text) or {}
         for key, value in overrides.items():
-            _set_dotted(tree, key, _flow_style(value))
+            set_dotted(tree, key, _flow_style(value))
         out = io.StringIO()
         rt.dump(tree, out)
         text = out.getvalue()
@@ -192,7 +192,7 @@ def pipeline_flow(
     return {"pipeline_run_id": parent, "comparison": str(paths.comparison)}
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
     overrides: dict[str, Any] = {}
@@ -216,7 +216,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile,
-                      overrides=_parse_set(args.overrides) or None)
+                      overrides=parse_set(args.overrides) or None)
     except Exception as err:  # noqa: BLE001
         print(f"\nflexkd: pipeline failed: {err}", file=sys.stderr)
         sys.exit(1)

@@ -15,14 +15,12 @@ from prefect import flow
 from flows.common import load_params, paths_for, preflight, run_cli
 
 
-def cache_provenance(paths, train_features) -> dict:
+def cache_provenance(paths, index, train_features) -> dict:
     """What a cache must match to be used: teacher weights, prepared data, relevance index, tokenised inputs."""
     from flexkd.cache import features_hash
     from flexkd.data.prepare import split_fingerprint
     from flexkd.provenance import weights_hash
-    from flexkd.relevance import RelevanceIndex
 
-    index = RelevanceIndex.load(paths.relevance / "index.json")
     return {
         "teacher_weights_hash": weights_hash(paths.teacher),
         "data_fingerprint": split_fingerprint(paths.prepared),
@@ -44,12 +42,12 @@ def teacher_cache_flow(params: str | None = None) -> dict:
 
     cfg = load_params(params)
     paths = paths_for(cfg)
-    preflight(cfg, tuned_teacher=True)  # wrong sizes, plans or tokenizers: before any model is loaded
     ccfg = cfg.teacher_cache
     if not ccfg.enabled:
         write_disabled(paths.teacher_cache)
         print("teacher_cache.enabled is false: distillation runs the teacher online")
         return {"enabled": False}
+    preflight(cfg, tuned_teacher=True)  # wrong sizes, plans or tokenizers: before any model is loaded
     task = task_for(cfg)
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
@@ -60,8 +58,8 @@ def teacher_cache_flow(params: str | None = None) -> dict:
         tokenizer = load_tokenizer(str(paths.teacher))
         teacher = task.load_model(str(paths.teacher))
         train = task.features(paths.prepared, "train", tokenizer)
-        provenance = cache_provenance(paths, train)
         index = RelevanceIndex.load(paths.relevance / "index.json")
+        provenance = cache_provenance(paths, index, train)
         index.verify(teacher_weights_hash=provenance["teacher_weights_hash"], data_fingerprint=provenance["data_fingerprint"])
         d_teacher = hidden_size(teacher)
         spec = CacheSpec(

@@ -1,6 +1,5 @@
 """The teacher-feature cache: the losses read from it equal the losses with the teacher online; bad caches are refused."""
 
-import inspect
 import json
 
 import numpy as np
@@ -17,11 +16,6 @@ from flexkd.losses import (build_objective, densify_teacher_logits, response_mas
 from flexkd.train import distillation_loss
 
 PROVENANCE = {"teacher_weights_hash": "t", "data_fingerprint": "d", "relevance_index_hash": "r", "features_hash": "f"}
-
-
-def call(loss_fn, model, batch):
-    """Loss closures are called as loss_fn(model, batch) (older ones as loss_fn(batch))."""
-    return loss_fn(model, batch) if len(inspect.signature(loss_fn).parameters) == 2 else loss_fn(batch)
 
 
 def bert(hidden, seed):
@@ -87,8 +81,8 @@ def _compare(teacher, student, cache, data, mask, method, units, tol, **kwargs):
     for order in ([0, 5, 9, 13, 2, 7], [1, 3, 4, 6, 8, 10, 11]):  # other batch compositions than the cache's
         batch = collate([indexed[i] for i in order])
         plain = PadCollator(0)([data[i] for i in order])
-        loss_online, terms_online = call(online_fn, student, plain)
-        loss_cached, terms_cached = call(cached_fn, student, batch)
+        loss_online, terms_online = online_fn(student, plain)
+        loss_cached, terms_cached = cached_fn(student, batch)
         assert set(terms_online) == set(terms_cached)
         for name in terms_online:
             assert torch.allclose(terms_online[name], terms_cached[name], rtol=tol, atol=tol), (method, name)
