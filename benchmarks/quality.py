@@ -24,6 +24,7 @@ from prefect import flow, task
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("flexkd", "flows", "dvc.yaml", ".dvcignore")
+PROCESS_PHASES = ("startup", "preflight", "mlflow", "process")  # resources/*_seconds of each stage run
 
 
 def make_workspace(directory: Path, params: dict) -> Path:
@@ -80,7 +81,7 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
         raise RuntimeError(f"{workspace.name}: the pipeline failed (exit {completed.returncode}); see {log}")
     record = {"params": params, "wall_seconds": wall,
               "evaluation": json.loads((workspace / "metrics" / "evaluation.json").read_text()),
-              "stages": stage_resources(workspace, params)}
+              "stages": stage_resources(workspace, params), "pipeline": pipeline_resources(workspace)}
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -101,8 +102,21 @@ def stage_resources(workspace: Path, params: dict) -> dict:
         name = run.info.run_name or run.data.tags.get("flexkd.stage", "?")
         stages[name] = {"peak_rss_mb": metrics["resources/peak_rss_mb"],
                         "compute_seconds": metrics.get("resources/compute_seconds", 0.0),
-                        "stage_seconds": metrics.get("resources/stage_seconds", 0.0)}
+                        "stage_seconds": metrics.get("resources/stage_seconds", 0.0),
+                        **{f"{key}_seconds": metrics[f"resources/{key}_seconds"] for key in PROCESS_PHASES
+                           if f"resources/{key}_seconds" in metrics}}
     return dict(sorted(stages.items()))
+
+
+def pipeline_resources(workspace: Path) -> dict:
+    """The pipeline process's own seconds before ``dvc repro`` and the seconds of ``dvc repro`` (parent run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    parent = (workspace / ".flexkd" / "pipeline_run_id").read_text().strip()
+    metrics = client.get_run(parent).data.metrics
+    return {key: metrics[f"resources/{key}"] for key in ("pipeline_setup_seconds", "dvc_repro_seconds")
+            if f"resources/{key}" in metrics}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -137,11 +151,30 @@ def relevance_sanity(workspace: Path, params: dict) -> dict:
 
 
 def overhead(record: dict) -> dict:
-    """The pipeline's wall time split into compute (training, scoring, caching, evaluation, validation) and the rest."""
-    compute = sum(stage["compute_seconds"] for stage in record["stages"].values())
+    """The pipeline's wall time split into compute (training, scoring, caching, evaluation, validation) and the rest.
+
+    Runs that logged the process phases (flexkd.resources) also get ``split``: the other seconds by where they went,
+    summed over the stage processes: ``startup`` (interpreter, imports, the Prefect flow run), ``preflight``,
+    ``mlflow`` (every tracking call, model logging included), ``in_stage`` (the rest inside a stage: loading and
+    saving models, tokenising), ``dvc`` (``dvc repro`` beyond its stage processes: hashing and caching outputs,
+    process exits) and ``pipeline`` (the pipeline process outside ``dvc repro``: imports, the temporary Prefect
+    server, its own pre-flight and MLflow set-up). The parts add up to the other seconds."""
+    stages = record["stages"].values()
+    compute = sum(stage["compute_seconds"] for stage in stages)
     wall = record["wall_seconds"]
-    return {"wall_seconds": wall, "compute_seconds": compute, "other_seconds": wall - compute,
-            "overhead_ratio": (wall - compute) / wall if wall else None}
+    result = {"wall_seconds": wall, "compute_seconds": compute, "other_seconds": wall - compute,
+              "overhead_ratio": (wall - compute) / wall if wall else None}
+    pipeline = record.get("pipeline") or {}
+    if stages and "dvc_repro_seconds" in pipeline and all("process_seconds" in stage for stage in stages):
+        total = {key: sum(stage[f"{key}_seconds"] for stage in stages) for key in PROCESS_PHASES}
+        result["split"] = {
+            "startup": total["startup"], "preflight": total["preflight"], "mlflow": total["mlflow"],
+            "in_stage": total["process"] - total["startup"] - total["preflight"] - total["mlflow"] - compute,
+            "dvc": pipeline["dvc_repro_seconds"] - total["process"],
+            "pipeline": wall - pipeline["dvc_repro_seconds"],
+            "stage_processes": len(record["stages"]),
+        }
+    return result
 
 
 @flow(name="flexkd-benchmark-quality", log_prints=True)

@@ -140,8 +140,9 @@ def render(results: dict) -> str:
         f"({sizes['full']['columns']}) {sizes['full']['bytes'] / 2**20:.1f} MiB: **{sizes['selected_over_full']:.2f}x**.",
         "",
         "Orchestration overhead: pipeline wall time (`python -m flows.pipeline`, i.e. `make run` once installed) minus "
-        "the seconds the stages spend computing (training, relevance scoring, caching, evaluation, data validation); "
-        "the rest is Prefect, MLflow, DVC, process start-up, imports and model loading.",
+        "the seconds the stages spend computing (training, relevance scoring, caching, evaluation, data validation; "
+        "MLflow calls inside a training loop are not compute); the rest is Prefect, MLflow, DVC, process start-up, "
+        "imports and model loading.",
         "",
         "| run | wall (s) | compute (s) | other (s) | overhead |",
         "|---|---:|---:|---:|---:|",
@@ -160,6 +161,18 @@ def render(results: dict) -> str:
                       "Prefect and MLflow and starting a flow run, plus model loading and MLflow model logging), while "
                       "compute grows with the data and epochs, and shrinks when nothing else runs on the machine: the ratio "
                       f"falls under 10% once compute passes {9 * sum(others) / len(others) / 60:.0f} minutes."]
+    split_rows = [(name, run) for name, block in results["quality"].items() for run in block["runs"] if run.get("split")]
+    if split_rows:
+        lines += ["", "Where the other seconds go, summed over the stage processes (runs that logged the split):", "",
+                  "| run | stage processes | start-up: interpreter, imports, Prefect flow run | pre-flight | MLflow "
+                  "| rest inside stages: model and data loading, saving | DVC between stages, process exits "
+                  "| pipeline process: imports, temporary Prefect server, set-up |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, run in split_rows:
+            split = run["split"]
+            cells = [f"{split[key]:.0f} s ({split[key] / run['other_seconds']:.0%})"
+                     for key in ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")]
+            lines.append(f"| {name} seed {run['seed']} | {split['stage_processes']} | " + " | ".join(cells) + " |")
     first_profile = next(iter(results["quality"]))
     stages = results["quality"][first_profile]["runs"][0]["stages"]
     lines += ["", f"Peak resident memory per stage ({first_profile}, seed {results['seeds'][0]}):", "",

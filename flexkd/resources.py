@@ -1,33 +1,79 @@
-"""What a stage process spends: seconds of real work (``compute``) and peak resident memory.
+"""What a stage process spends: seconds of real work (``compute``), of the other named phases, and peak memory.
 
-``make run``'s wall time minus the compute seconds of every stage is the orchestration overhead (Prefect, MLflow,
-DVC, imports, model loading); benchmarks report it as a ratio. ``stage_run`` logs these as ``resources/*``
-metrics of each stage's MLflow run.
+``make run``'s wall time minus the compute seconds of every stage is the orchestration overhead; benchmarks
+report it as a ratio and split it into the phases counted here (``preflight``, ``mlflow``: every call into the
+tracking server, also those inside a training loop) and what the stage runs can tell apart around them: process
+start-up (Python, imports, the Prefect flow run), in-stage rest (loading and saving models and data), and DVC
+between stages. Phases nest exclusively: a ``mlflow`` block inside ``compute`` pauses the compute clock.
+``stage_run`` logs these as ``resources/*`` metrics of each stage's MLflow run.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from collections import defaultdict
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
-_seconds = {"compute": 0.0}
+_seconds: dict[str, float] = defaultdict(float)
+_local = threading.local()
+
+
+def _stack() -> list[list]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
 
 
 @contextmanager
-def compute() -> Iterator[None]:
-    """Count the block's wall time as compute (training, scoring, caching, evaluation, validation)."""
-    began = time.perf_counter()
+def phase(name: str) -> Iterator[None]:
+    """Count the block's wall time under ``name``; the enclosing phase's clock pauses meanwhile.
+
+    Also a decorator (``@resources.phase("mlflow")``)."""
+    stack = _stack()
+    now = time.perf_counter()
+    if stack:
+        outer = stack[-1]
+        _seconds[outer[0]] += now - outer[1]
+    stack.append([name, now])
     try:
         yield
     finally:
-        _seconds["compute"] += time.perf_counter() - began
+        now = time.perf_counter()
+        own, started = stack.pop()
+        _seconds[own] += now - started
+        if stack:
+            stack[-1][1] = now
+
+
+def compute() -> AbstractContextManager[None]:
+    """Count the block's wall time as compute (training, scoring, caching, evaluation, validation)."""
+    return phase("compute")
+
+
+def seconds(name: str) -> float:
+    """Seconds spent so far in phase ``name`` by this process (blocks still open not counted)."""
+    return _seconds.get(name, 0.0)
 
 
 def compute_seconds() -> float:
-    return _seconds["compute"]
+    return seconds("compute")
+
+
+def process_age() -> float:
+    """Seconds since this process started (the interpreter's start, before any import)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - no psutil or no permission: the age since this module was imported
+        return time.time() - _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def peak_rss_mb() -> float:

@@ -68,6 +68,7 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path).resolve()
 
 
+@resources.phase("mlflow")
 def setup(project_root: str | Path, experiment: str) -> str:
     """Point MLflow at the project's tracking store and experiment (created if missing); return the URI.
 
@@ -207,11 +208,13 @@ def pipeline_run_id(project_root: str | Path, experiment: str, *, create: bool =
     return _create_pipeline_run(project_root, experiment, "pipeline")
 
 
+@resources.phase("mlflow")
 def start_pipeline_run(project_root: str | Path, experiment: str, run_name: str = "pipeline") -> str:
     """Always create a fresh pipeline parent run and record it in ``.flexkd/pipeline_run_id``."""
     return _create_pipeline_run(project_root, experiment, run_name)
 
 
+@resources.phase("mlflow")
 def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     """Mark the pipeline parent run as ended (FINISHED, FAILED or KILLED)."""
     import mlflow
@@ -300,38 +303,43 @@ def stage_run(
     import mlflow
     from mlflow.entities import Param
 
-    setup(project_root, experiment)
-    parent = pipeline_run_id(project_root, experiment)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id != parent:
-        raise FlexKDError(
-            f"stage {stage!r}: another MLflow run ({active.info.run_id}) is active; end it before stage_run"
-        )
-    all_tags: dict[str, str] = {"flexkd.stage": stage, **_git_tags(project_root)}
-    extra = dict(tags or {})
-    method = method if method is not None else extra.pop("method", None)
-    if method is not None:
-        all_tags["flexkd.method"] = str(method)
-    all_tags.update({str(k): _truncate(str(v), _MAX_TAG_VALUE) for k, v in extra.items()})
+    # everything the process did before this point (interpreter, imports, the Prefect flow run, config) is
+    # start-up, less the pre-flight checks and tracking calls already counted under their own phases
+    startup = resources.process_age() - resources.seconds("preflight") - resources.seconds("mlflow")
+    began, compute_before = time.perf_counter(), resources.compute_seconds()
+    with resources.phase("mlflow"):
+        setup(project_root, experiment)
+        parent = pipeline_run_id(project_root, experiment)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id != parent:
+            raise FlexKDError(
+                f"stage {stage!r}: another MLflow run ({active.info.run_id}) is active; end it before stage_run"
+            )
+        all_tags: dict[str, str] = {"flexkd.stage": stage, **_git_tags(project_root)}
+        extra = dict(tags or {})
+        method = method if method is not None else extra.pop("method", None)
+        if method is not None:
+            all_tags["flexkd.method"] = str(method)
+        all_tags.update({str(k): _truncate(str(v), _MAX_TAG_VALUE) for k, v in extra.items()})
 
-    run = mlflow.start_run(
-        run_name=run_name or (f"{stage}-{method}" if method else stage),
-        nested=True,
-        parent_run_id=parent if active is None else None,
-        tags=all_tags,
-    )
+        run = mlflow.start_run(
+            run_name=run_name or (f"{stage}-{method}" if method else stage),
+            nested=True,
+            parent_run_id=parent if active is None else None,
+            tags=all_tags,
+        )
     run_id = run.info.run_id
     status = "FINISHED"
-    began, compute_before = time.perf_counter(), resources.compute_seconds()
     try:
-        client = mlflow.MlflowClient()
-        flat = list(flatten_params(params or {}).items())
-        for start in range(0, len(flat), _MAX_PARAMS_PER_BATCH):
-            chunk = flat[start : start + _MAX_PARAMS_PER_BATCH]
-            client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
-        lock = Path(project_root) / "dvc.lock"
-        if lock.is_file():
-            client.log_artifact(run_id, str(lock), artifact_path="provenance")
+        with resources.phase("mlflow"):
+            client = mlflow.MlflowClient()
+            flat = list(flatten_params(params or {}).items())
+            for start in range(0, len(flat), _MAX_PARAMS_PER_BATCH):
+                chunk = flat[start : start + _MAX_PARAMS_PER_BATCH]
+                client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
+            lock = Path(project_root) / "dvc.lock"
+            if lock.is_file():
+                client.log_artifact(run_id, str(lock), artifact_path="provenance")
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
@@ -343,7 +351,12 @@ def stage_run(
         try:
             log_metrics({"resources/peak_rss_mb": resources.peak_rss_mb(),
                          "resources/compute_seconds": resources.compute_seconds() - compute_before,
-                         "resources/stage_seconds": time.perf_counter() - began}, run_id=run_id)
+                         "resources/stage_seconds": time.perf_counter() - began,
+                         # the process as a whole, for the overhead split (benchmarks/quality.py)
+                         "resources/startup_seconds": startup,
+                         "resources/preflight_seconds": resources.seconds("preflight"),
+                         "resources/mlflow_seconds": resources.seconds("mlflow"),
+                         "resources/process_seconds": resources.process_age()}, run_id=run_id)
         except Exception:  # noqa: BLE001 - never hide the stage's own outcome behind a metrics failure
             pass
         if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
@@ -353,6 +366,7 @@ def stage_run(
 
 
 # ------------------------------------------------------------------------------------ metrics & artifacts
+@resources.phase("mlflow")
 def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
     """Log each metric under its own key (sanitised: ``train/feature/flexkd`` stays as it is) in one batch."""
     import mlflow
@@ -366,6 +380,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id
         client.log_batch(run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
 
 
+@resources.phase("mlflow")
 def set_tags(tags: Mapping[str, Any], *, run_id: str | None = None) -> None:
     """Tag the active run (e.g. where a distill run's teacher outputs came from)."""
     import mlflow
@@ -376,11 +391,13 @@ def set_tags(tags: Mapping[str, Any], *, run_id: str | None = None) -> None:
         client.set_tag(run_id, key, str(value))
 
 
+@resources.phase("mlflow")
 def log_metrics_to_run(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     """:func:`log_metrics` into another (possibly finished) run, e.g. test scores into a distill run."""
     log_metrics(metrics, step, run_id=run_id)
 
 
+@resources.phase("mlflow")
 def log_artifact(path: str | Path, artifact_path: str | None = None, *, run_id: str | None = None) -> None:
     """Log a file (or a directory's files) to the active run."""
     import mlflow
@@ -394,6 +411,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None, *, run_id: 
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
+@resources.phase("mlflow")
 def log_dataset(path_or_df, *, name: str, context: str, targets: str | None = "label"):
     """Record a dataset as an input of the active run (``context``: training / validation / test).
 
@@ -654,6 +672,7 @@ def model_requirements() -> list[str]:
     ]
 
 
+@resources.phase("mlflow")
 def _log_code_model(
     checkpoint_dir: str | Path,
     *,
@@ -807,6 +826,7 @@ def log_generator_model(
     )
 
 
+@resources.phase("mlflow")
 def log_text_table(df, artifact_file: str, *, run_id: str | None = None) -> None:
     """Log a DataFrame (e.g. prompt / reference / teacher / student samples) as an MLflow table artifact
     (``mlflow.load_table`` / the UI's artifact view) to ``run_id`` or the active run.
@@ -847,6 +867,7 @@ def registered_name(task: str) -> str:
     return f"flexkd-{task}"
 
 
+@resources.phase("mlflow")
 def register_student(
     task: str,
     *,

@@ -89,11 +89,13 @@ def preflight(cfg: FlexKDConfig, *, data: bool = False, tuned_teacher: bool = Fa
     """The checks of :mod:`flexkd.preflight` (data files, teacher and student sizes, tokenizers), before any
     compute. ``data``: also the raw data files; ``tuned_teacher``: check against the fine-tuned teacher when it
     is there (stages after finetune_teacher), else ``teacher.model``."""
+    from flexkd import resources
     from flexkd.preflight import check, describe
 
-    tuned = paths_for(cfg).teacher
-    use_tuned = tuned_teacher and (tuned / "config.json").is_file()
-    notes = check(cfg, data=data, teacher=str(tuned) if use_tuned else None)
+    with resources.phase("preflight"):
+        tuned = paths_for(cfg).teacher
+        use_tuned = tuned_teacher and (tuned / "config.json").is_file()
+        notes = check(cfg, data=data, teacher=str(tuned) if use_tuned else None)
     print(describe(notes))
 
 

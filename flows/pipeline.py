@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -166,7 +167,7 @@ def pipeline_flow(
         profile: a name under ``profiles/`` copied over ``params.yaml`` first (``sst2``, ``alpaca``, ...).
         overrides: dotted keys set in ``params.yaml``, e.g. ``{"distill.train.epochs": 1}``.
     """
-    from flexkd import tracking
+    from flexkd import resources, tracking
 
     if apply_profile_and_overrides(project_root(), profile, overrides):
         print(f"params.yaml: profile={profile or '-'} overrides={json.dumps(overrides or {}, default=str)}")
@@ -183,7 +184,12 @@ def pipeline_flow(
         env["PREFECT_API_URL"] = api
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     print("running:", " ".join(command[2:]))
+    setup_seconds, began = resources.process_age(), time.perf_counter()
     completed = subprocess.run(command, cwd=paths.root, env=env)
+    # for the overhead split: this process up to `dvc repro` (interpreter, imports, the temporary Prefect server,
+    # pre-flight, MLflow set-up), and `dvc repro` itself (the stage processes plus DVC's own work between them)
+    tracking.log_metrics({"resources/pipeline_setup_seconds": setup_seconds,
+                          "resources/dvc_repro_seconds": time.perf_counter() - began}, run_id=parent)
     tracking.end_pipeline_run(parent, "FINISHED" if completed.returncode == 0 else "FAILED")
     if completed.returncode != 0:
         raise RuntimeError(f"dvc repro failed with exit status {completed.returncode}; see the stage output above")

@@ -35,10 +35,15 @@ def test_benchmark_command_writes_the_report_and_reuses_finished_runs(tmp_path, 
     assert 0 < run_record["compute_seconds"] < run_record["wall_seconds"]
     assert {"validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "evaluate"} <= set(run_record["stages"])
     assert all(stage["peak_rss_mb"] > 50 for stage in run_record["stages"].values())
+    split = run_record["split"]  # where the non-compute seconds went, from each stage process's own clocks
+    parts = ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")
+    assert sum(split[k] for k in parts) == pytest.approx(run_record["other_seconds"])
+    assert split["startup"] > 0 and split["mlflow"] > 0 and split["preflight"] > 0 and split["pipeline"] > 0
+    assert split["stage_processes"] == len(run_record["stages"])
     assert set(quality["sanity"]["by_k"]) and results["speed"]["relevance"]["ratio"] > 0
     assert results["speed"]["cache_sizes"]["selected_over_full"] < 1
     for row in ("Relevance scoring vs.", "Distill step time", "Flex-KD term's own", "Teacher cache of the training split",
-                "Mean overhead", "Peak resident memory", "flexkd − projector", "Relevance sanity check"):
+                "Mean overhead", "Where the other seconds go", "Peak resident memory", "flexkd − projector", "Relevance sanity check"):
         assert row in report, row
 
     # a second call reuses the finished workspace instead of rerunning the pipeline

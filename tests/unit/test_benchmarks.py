@@ -46,13 +46,34 @@ def test_overhead_is_wall_minus_compute():
     assert split["overhead_ratio"] == pytest.approx(0.1)
 
 
+def split_record():
+    """A run whose two stage processes logged their phases, and whose pipeline logged its own seconds."""
+    rec = record(4, {"random/projector": 0.7, "random/flexkd": 0.7}, wall=200.0, compute=(60.0, 70.0))
+    for stage, (startup, preflight, mlflow, process) in zip(rec["stages"].values(), [(6, 2, 3, 75), (5, 1, 4, 85)]):
+        stage.update(startup_seconds=startup, preflight_seconds=preflight, mlflow_seconds=mlflow, process_seconds=process)
+    rec["pipeline"] = {"pipeline_setup_seconds": 15.0, "dvc_repro_seconds": 180.0}
+    return rec
+
+
+def test_overhead_split_says_where_the_other_seconds_went_and_adds_up():
+    result = overhead(split_record())
+    split = result["split"]
+    assert result["other_seconds"] == 70.0
+    assert (split["startup"], split["preflight"], split["mlflow"]) == (11, 3, 7)
+    assert split["in_stage"] == pytest.approx(160 - 11 - 3 - 7 - 130)  # process seconds less the named phases and compute
+    assert split["dvc"] == pytest.approx(180 - 160) and split["pipeline"] == pytest.approx(200 - 180)
+    assert sum(split[k] for k in ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")) == pytest.approx(70.0)
+    assert "split" not in overhead(RECORDS[0])  # a run from before the phases were logged: no split, no guess
+
+
 def test_report_holds_every_row_and_the_machine():
     results = {
         "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24.0, "gpu": None, "python": "3.11", "torch": "2.13.0",
                     "platform": "Linux", "date": "2026-11-29"},
         "profiles": ["sst2"], "seeds": [1, 2, 3], "overrides": {},
         "quality": {"sst2": {"task": "sst2", "quality": aggregate(RECORDS),
-                             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in RECORDS],
+                             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]}
+                                      for r in [*RECORDS, split_record()]],
                              "sanity": {"metric": "accuracy", "d_teacher": 8, "none": 0.8,
                                         "by_k": {"2": {"top": 0.6, "bottom": 0.79, "random_mean": 0.78}}}}},
         "speed": {
@@ -71,6 +92,8 @@ def test_report_holds_every_row_and_the_machine():
     assert "| flexkd | 2.00 | 1.10 | 0.55 |" in text
     assert "**1.0%** of a flexkd step" in text and "**0.50x**" in text
     assert "| sst2 seed 1 | 100 | 90 | 10 | 10.0% |" in text
+    assert "| sst2 seed 4 | 2 | 11 s (16%) | 3 s (4%) | 7 s (10%) | 9 s (13%) | 20 s (29%) | 20 s (29%) |" in text
+    assert "| sst2 seed 1 | 2 |" not in text  # runs without the split have no row in that table
     assert "| stage0 | 500 |" in text
     assert "| student | ft | projector | flexkd | flexkd − projector |" in text
     assert "| random | 69.00 ± 1.00 | 70.00 ± 1.00 | 71.67 ± 1.53 | 1.67 ± 2.52 |" in text
