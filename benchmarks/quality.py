@@ -67,6 +67,9 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
         record = json.loads(record_path.read_text())
         if record.get("params") == params and (workspace / "metrics" / "evaluation.json").exists():
             print(f"{workspace.name}: finished before with the same params; reused")
+            if "pipeline" not in record and (workspace / "mlflow.db").exists():  # recorded by an older benchmark
+                record.update(stages=stage_resources(workspace, params), pipeline=pipeline_resources(workspace))
+                record_path.write_text(json.dumps(record, indent=1))
             return record
     make_workspace(workspace, params)
     env = dict(os.environ, FLEXKD_PROJECT_ROOT=str(workspace))
