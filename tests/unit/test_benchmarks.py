@@ -90,7 +90,8 @@ def test_report_holds_every_row_and_the_machine():
     assert "Test CPU, 2 cores" in text and "Measured on the `sst2-seed1` workspace (2026-11-29 10:00 UTC)." in text
     assert "**1.00x**, met (goal ≤ 1.3)" in text
     assert "| flexkd | 2.00 | 1.10 | 0.55 |" in text
-    assert "**1.0%** of a flexkd step" in text and "**0.50x**" in text
+    assert "**1.0%** of a flexkd step (teacher online), met (goal ≤ 5%)" in text and "**0.50x**" in text
+    assert "NOT met (goal ≤ 10%)" in text and "About 35 s per stage process" in text
     assert "| sst2 seed 1 | 100 | 90 | 10 | 10.0% |" in text
     assert "| sst2 seed 4 | 2 | 11 s (16%) | 3 s (4%) | 7 s (10%) | 9 s (13%) | 20 s (29%) | 20 s (29%) |" in text
     assert "| sst2 seed 1 | 2 |" not in text  # runs without the split have no row in that table
