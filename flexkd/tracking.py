@@ -391,7 +391,6 @@ def set_tags(tags: Mapping[str, Any], *, run_id: str | None = None) -> None:
         client.set_tag(run_id, key, str(value))
 
 
-@resources.phase("mlflow")
 def log_metrics_to_run(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     """:func:`log_metrics` into another (possibly finished) run, e.g. test scores into a distill run."""
     log_metrics(metrics, step, run_id=run_id)
