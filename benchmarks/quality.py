@@ -68,7 +68,7 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
         if record.get("params") == params and (workspace / "metrics" / "evaluation.json").exists():
             print(f"{workspace.name}: finished before with the same params; reused")
             if "pipeline" not in record and (workspace / "mlflow.db").exists():  # recorded by an older benchmark
-                record.update(stages=stage_resources(workspace, params), pipeline=pipeline_resources(workspace))
+                record.update(run_resources(workspace, params))
                 record_path.write_text(json.dumps(record, indent=1))
             return record
     make_workspace(workspace, params)
@@ -84,13 +84,15 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
         raise RuntimeError(f"{workspace.name}: the pipeline failed (exit {completed.returncode}); see {log}")
     record = {"params": params, "wall_seconds": wall,
               "evaluation": json.loads((workspace / "metrics" / "evaluation.json").read_text()),
-              "stages": stage_resources(workspace, params), "pipeline": pipeline_resources(workspace)}
+              **run_resources(workspace, params)}
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
 
-def stage_resources(workspace: Path, params: dict) -> dict:
-    """Peak RSS, compute and wall seconds of each stage run of the workspace's last pipeline run (from MLflow)."""
+def run_resources(workspace: Path, params: dict) -> dict:
+    """From the workspace's MLflow store, its last pipeline run: ``stages`` (peak RSS, compute, wall and process-phase
+    seconds of each stage run) and ``pipeline`` (the pipeline process's seconds before ``dvc repro`` and the seconds
+    of ``dvc repro``, from the parent run)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
@@ -108,18 +110,10 @@ def stage_resources(workspace: Path, params: dict) -> dict:
                         "stage_seconds": metrics.get("resources/stage_seconds", 0.0),
                         **{f"{key}_seconds": metrics[f"resources/{key}_seconds"] for key in PROCESS_PHASES
                            if f"resources/{key}_seconds" in metrics}}
-    return dict(sorted(stages.items()))
-
-
-def pipeline_resources(workspace: Path) -> dict:
-    """The pipeline process's own seconds before ``dvc repro`` and the seconds of ``dvc repro`` (parent run)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    parent = (workspace / ".flexkd" / "pipeline_run_id").read_text().strip()
     metrics = client.get_run(parent).data.metrics
-    return {key: metrics[f"resources/{key}"] for key in ("pipeline_setup_seconds", "dvc_repro_seconds")
-            if f"resources/{key}" in metrics}
+    pipeline = {key: metrics[f"resources/{key}"] for key in ("pipeline_setup_seconds", "dvc_repro_seconds")
+                if f"resources/{key}" in metrics}
+    return {"stages": dict(sorted(stages.items())), "pipeline": pipeline}
 
 
 def _mean_std(values: list[float]) -> dict:

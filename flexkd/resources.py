@@ -20,6 +20,7 @@ from typing import Iterator
 
 _seconds: dict[str, float] = defaultdict(float)
 _local = threading.local()
+_IMPORTED = time.time()  # process_age's fallback
 
 
 def _stack() -> list[list]:
@@ -72,8 +73,6 @@ def process_age() -> float:
     except Exception:  # noqa: BLE001 - no psutil or no permission: the age since this module was imported
         return time.time() - _IMPORTED
 
-
-_IMPORTED = time.time()
 
 
 def peak_rss_mb() -> float:
