@@ -230,14 +230,24 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit KD term; the task loss gets 1 - alpha.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature tau of the KD term (scaled by tau^2).")
     feature_weight: FeatureWeights = Field(default_factory=FeatureWeights, description="beta per feature method.")
-    flexkd_loss: Literal["pearson", "barlow", "mse"] = Field("pearson", description="Flex-KD feature loss variant.")
+    flexkd_loss: Literal["pearson", "barlow", "mse"] = Field(
+        "pearson",
+        description="Flex-KD feature loss variant, over the cross-correlation C of the standardised student units and "
+        "their selected teacher units: pearson = mean_i (1 - C_ii); barlow = (1/d_S) [sum_i (1 - C_ii)^2 + "
+        "barlow_lambda_off * sum_{i != j} C_ij^2], on pearson's scale (about 1 at initialisation whatever d_S); "
+        "mse = mean squared difference of the standardised units.",
+    )
     logit_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "forward_kl", description="Logit term: forward KL (Hinton), reverse KL (MiniLLM-style), generalised JSD (GKD), skew KL (DistiLLM)."
     )
     jsd_beta: float = Field(0.5, ge=0, le=1, description="beta of the generalised JSD.")
     skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of the skew forward / reverse KL.")
     students: list[str] = Field(["random"], min_length=1, description="Which entries of `students` to train (each with every method).")
-    barlow_lambda_off: float = Field(5e-3, ge=0, description="Off-diagonal weight of the barlow variant.")
+    barlow_lambda_off: float = Field(
+        5e-3, ge=0,
+        description="Off-diagonal weight of the barlow variant, relative to its diagonal term as in Barlow Twins "
+        "(both sums are divided by d_S).",
+    )
     teacher_top_k: int | None = Field(
         None, gt=0,
         description="Generation: keep the teacher's k most likely tokens per position and spread the rest of its "

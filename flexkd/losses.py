@@ -192,24 +192,39 @@ def generalized_jsd(
 ) -> torch.Tensor:
     """GKD's generalised Jensen-Shannon divergence, mean over rows (Agarwal et al. 2024; TRL GKDTrainer).
 
-    Convention (that of TRL's ``GKDTrainer.generalized_jsd_loss`` for 0 < beta < 1)::
+    Convention of TRL's ``GKDTrainer.generalized_jsd_loss`` (trl/experimental/gkd/gkd_trainer.py), endpoints
+    included::
 
-        m        = beta * p_T + (1 - beta) * p_S
-        JSD_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)
+        beta = 0:      KL(p_T || p_S)                                   (forward KL, = ``forward_kl``)
+        beta = 1:      KL(p_S || p_T)                                   (reverse KL, = ``reverse_kl``)
+        0 < beta < 1:  m = beta * p_T + (1 - beta) * p_S
+                       JSD_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)
 
-    with p_T, p_S at temperature tau and m formed in log space (logsumexp). beta = 0.5 is the symmetric
-    JSD; the value goes to 0 at both limits (beta -> 0: m = p_S; beta -> 1: m = p_T). Unlike recent TRL
-    versions, beta = 0 and beta = 1 are *not* special-cased to plain forward / reverse KL: the formula above
-    is used as is (use ``forward_kl`` / ``reverse_kl`` for those). Rows and masking as in ``forward_kl``;
-    not multiplied by tau^2.
+    with p_T, p_S at temperature tau and m formed in log space (logsumexp). beta = 0.5 is the symmetric JSD.
+    The endpoints are special cases because the mixture formula itself vanishes there (m becomes p_S or p_T),
+    which would silently turn the KD term off. Beware that the value is therefore *not* continuous at the
+    endpoints: for small beta, JSD_beta ~ beta * KL(p_T || p_S), and near 1, JSD_beta ~ (1 - beta) *
+    KL(p_S || p_T), so the endpoints are the limits of JSD_beta / beta and JSD_beta / (1 - beta) (the sense
+    in which GKD calls them forward and reverse KL), and moving beta from 1e-3 to 0 scales the term by ~1000.
+    Rows and masking as in ``forward_kl``; not multiplied by tau^2.
     """
     beta = _check_unit_interval("jsd", "beta", beta)
     rows = _kd_log_probs("jsd", student_logits, teacher_logits, temperature, mask)
     if rows is None:
         return _empty(student_logits)
     log_p_s, log_p_t = rows
-    log_m = _log_mixture(log_p_t, log_p_s, beta)
-    return (beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)).mean()
+    if beta == 0.0:
+        return _kl(log_p_t, log_p_s).mean()
+    if beta == 1.0:
+        return _kl(log_p_s, log_p_t).mean()
+    # KL(p || m) = -sum p (log m - log p), with log m - log p formed directly rather than as a difference of two
+    # logs: near an endpoint m is almost p_S (or p_T) and the difference would lose float32's digits.
+    log_ratio = log_p_t - log_p_s
+    log_m_over_s = torch.logaddexp(log_ratio + math.log(beta), log_ratio.new_tensor(math.log1p(-beta)))
+    log_m_over_t = torch.logaddexp(math.log1p(-beta) - log_ratio, log_ratio.new_tensor(math.log(beta)))
+    kl_t = -(log_p_t.exp() * log_m_over_t).sum(-1)
+    kl_s = -(log_p_s.exp() * log_m_over_s).sum(-1)
+    return (beta * kl_t + (1.0 - beta) * kl_s).mean()
 
 
 def skew_forward_kl(
@@ -381,6 +396,15 @@ def _standardise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return centred / torch.sqrt(centred.pow(2).mean(dim=0, keepdim=True) + eps)
 
 
+def _no_feature_rows(hs: torch.Tensor) -> torch.Tensor:
+    """0 connected to the graph (backward works and gives zero gradients) for a batch too small for a feature term.
+
+    A one-row shard under DDP, or a batch whose response positions were all truncated, must not stop the run; the
+    KD terms return 0 in the same case. The objective reports the skip (``feature/<name>_skipped``).
+    """
+    return hs.float().sum() * 0.0
+
+
 def flexkd_feature_loss(
     hs: torch.Tensor,
     ht: torch.Tensor,
@@ -391,19 +415,24 @@ def flexkd_feature_loss(
     """Flex-KD feature loss between student rows hs (N, d_S) and the selected teacher columns ht (N, d_S).
 
     Columns are standardised over the N rows; C = hs_hat^T ht_hat / N (d_S x d_S).
-    ``pearson``: mean_i (1 - C_ii); ``barlow``: sum_i (1 - C_ii)^2 + lambda_off * sum_{i != j} C_ij^2;
+    ``pearson``: mean_i (1 - C_ii);
+    ``barlow``: (1 / d_S) * [sum_i (1 - C_ii)^2 + lambda_off * sum_{i != j} C_ij^2], i.e. the Barlow Twins loss
+    divided by d_S: the diagonal part is a mean over units like ``pearson`` (so the two are on the same scale
+    under the same ``feature_weight``, about 1 at initialisation whatever d_S), and the off-diagonal sum is
+    divided by the same d_S so that ``lambda_off`` keeps its Barlow Twins meaning relative to the diagonal;
     ``mse``: mean squared difference of the standardised columns. Invariant to per-unit scale and shift.
+    Fewer than 2 rows cannot be standardised: the loss is then 0 (``_no_feature_rows``).
     """
     if hs.dim() != 2 or hs.shape != ht.shape:
         raise ConfigError(
             f"flexkd_feature_loss: student rows {tuple(hs.shape)} and selected teacher rows {tuple(ht.shape)} "
             "must both be (N, d_S) with the same shape (one teacher unit per student unit: k = d_S)"
         )
-    n = hs.shape[0]
-    if n < 2:
-        raise ConfigError(f"flexkd_feature_loss: needs N >= 2 feature positions to standardise, got N={n}")
     if kind not in FLEXKD_KINDS:
         raise ConfigError(f"flexkd_feature_loss: unknown kind {kind!r}; valid kinds: {', '.join(FLEXKD_KINDS)}")
+    n, d = hs.shape
+    if n < FlexKDLoss.min_rows:
+        return _no_feature_rows(hs)
     hs_hat = _standardise(hs, eps)
     ht_hat = _standardise(ht, eps)
     if kind == "mse":
@@ -413,19 +442,22 @@ def flexkd_feature_loss(
     if kind == "pearson":
         return (1.0 - diag).mean()
     off_diagonal = c.pow(2).sum() - diag.pow(2).sum()
-    return (1.0 - diag).pow(2).sum() + lambda_off * off_diagonal
+    return (1.0 - diag).pow(2).mean() + lambda_off * off_diagonal / d
 
 
 def cka_loss(hs: torch.Tensor, ht: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """1 - linear CKA between hs (N, d_S) and ht (N, d_T) (columns centred); d_S and d_T may differ.
 
     CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F). Invariant to isotropic scale and orthogonal transforms.
+    Fewer than 2 rows leave nothing once centred (N = 1 would give a constant 1, N = 0 NaN): the loss is then 0.
     """
     if hs.dim() != 2 or ht.dim() != 2 or hs.shape[0] != ht.shape[0]:
         raise ConfigError(
             f"cka_loss: student rows {tuple(hs.shape)} and teacher rows {tuple(ht.shape)} must be (N, d_S) and "
             "(N, d_T) with the same N"
         )
+    if hs.shape[0] < CKALoss.min_rows:
+        return _no_feature_rows(hs)
     x = hs.float() - hs.float().mean(dim=0, keepdim=True)
     y = ht.float() - ht.float().mean(dim=0, keepdim=True)
     # Normalise first so the fourth powers below stay in range (CKA is scale invariant).
@@ -438,7 +470,11 @@ def cka_loss(hs: torch.Tensor, ht: torch.Tensor, eps: float = 1e-12) -> torch.Te
 
 
 def projector_loss(projector: nn.Linear, hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
-    """MSE(projector(hs), ht) over all teacher units: hs (N, d_S), ht (N, d_T), projector d_S -> d_T."""
+    """MSE(projector(hs), ht) over all teacher units: hs (N, d_S), ht (N, d_T), projector d_S -> d_T.
+
+    One row is enough; N = 0 (a mean over nothing, NaN) gives 0 through the projector, so that its weight and bias
+    get zero gradients rather than none (the all-reduce of the projector's gradients needs them on every rank).
+    """
     if hs.dim() != 2 or ht.dim() != 2 or hs.shape[0] != ht.shape[0]:
         raise ConfigError(
             f"projector_loss: student rows {tuple(hs.shape)} and teacher rows {tuple(ht.shape)} must be "
@@ -449,6 +485,8 @@ def projector_loss(projector: nn.Linear, hs: torch.Tensor, ht: torch.Tensor) -> 
             f"projector_loss: projector maps {projector.in_features} -> {projector.out_features} units but "
             f"student rows are {tuple(hs.shape)} and teacher rows {tuple(ht.shape)}"
         )
+    if hs.shape[0] < ProjectorLoss.min_rows:
+        return projector(hs.to(projector.weight.dtype)).float().sum() * 0.0
     return F.mse_loss(projector(hs.to(projector.weight.dtype)).float(), ht.float())
 
 
@@ -479,7 +517,8 @@ class TaskLoss(LossTerm):
 class LogitKD(LossTerm):
     """``kd``: a logit divergence at temperature tau; token-level over response positions for (B, T, V).
 
-    ``kind``: ``forward_kl`` (Hinton, default), ``reverse_kl``, ``jsd`` (GKD, weight ``beta``),
+    ``kind``: ``forward_kl`` (Hinton, default), ``reverse_kl``, ``jsd`` (GKD, weight ``beta``; 0 is forward KL
+    and 1 reverse KL, as in TRL: see ``generalized_jsd``),
     ``skew_forward_kl`` / ``skew_reverse_kl`` (DistiLLM, skew ``skew_alpha``). Logits are first passed
     through ``align_vocab`` (``shared_vocab``: the tokenizer's ``len()``, else the smaller width).
     """
@@ -540,15 +579,21 @@ class LogitKD(LossTerm):
 
 
 class FeatureTerm(LossTerm):
-    """A feature term: forward(hs (N, d_S), ht (N, d_T)) -> scalar."""
+    """A feature term: forward(hs (N, d_S), ht (N, d_T)) -> scalar.
+
+    ``min_rows``: the fewest feature positions N the term is defined on; below it the term is 0 (still in the
+    graph) and the objective reports it as skipped.
+    """
 
     needs_teacher_hidden = True
+    min_rows: ClassVar[int] = 2
 
 
 class ProjectorLoss(FeatureTerm):
     """``projector``: learned nn.Linear(d_S, d_T) with bias, MSE over all teacher units; discarded after training."""
 
     name = "projector"
+    min_rows = 1
 
     def __init__(self, student_hidden: int, teacher_hidden: int):
         super().__init__()
@@ -635,7 +680,11 @@ class DistillObjective(nn.Module):
 
     Holds the registered terms; for ``projector`` it owns the nn.Linear, so pass ``objective.parameters()`` to
     the optimizer alongside the student's. ``forward`` returns ``(total, terms)``; ``terms`` holds every term
-    unweighted and detached (keys ``task``, ``kd``, ``feature/<name>``, ``total``) for logging.
+    unweighted and detached (keys ``task``, ``kd``, ``feature/<name>``, ``total``) for logging. Feature methods
+    add ``feature/<name>_skipped``: 1.0 when the batch had fewer feature positions than the term needs
+    (``FeatureTerm.min_rows``; e.g. a one-row shard under DDP), so that the term contributed 0, else 0.0. The key
+    is there on every step so that every rank all-reduces the same keys; averaged over ranks it reads as the
+    share of the global batch whose term was skipped.
     """
 
     def __init__(
@@ -719,7 +768,9 @@ class DistillObjective(nn.Module):
             hs = masked_rows(student_hidden, feature_mask)
             ht = masked_rows(teacher_hidden.detach(), feature_mask)
             feature = self.feature_term(hs, ht)
+            skipped = hs.shape[0] < self.feature_term.min_rows
             terms[f"feature/{self.feature_term.name}"] = feature
+            terms[f"feature/{self.feature_term.name}_skipped"] = torch.tensor(float(skipped), device=feature.device)
             total = total + self.feature_weight * feature
         terms["total"] = total
         return total, {name: value.detach() for name, value in terms.items()}

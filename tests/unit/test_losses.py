@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from flexkd import config
 from flexkd.errors import ConfigError
 from flexkd.losses import (
     LOSS_TERMS,
     METHODS,
+    FeatureTerm,
     build_objective,
     cka_loss,
     flexkd_feature_loss,
@@ -64,7 +66,10 @@ def test_forward_kl_zero_when_equal_and_hand_value():
     teacher = torch.tensor([[2.0 * math.log(3.0), 0.0]])
     expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # 0.130812...
     assert forward_kl(student, teacher, 2.0).item() == pytest.approx(expected, abs=1e-6)
-    assert expected == pytest.approx(0.130812, abs=1e-6)
+    # The expectation is under the teacher: swapping the roles gives KL(p_S || p_T) = 0.5 ln(4/3) = 0.143841...
+    swapped = forward_kl(teacher, student, 2.0).item()
+    assert swapped == pytest.approx(0.5 * math.log(4.0 / 3.0), abs=1e-6)
+    assert swapped != pytest.approx(expected, abs=1e-3)
 
 
 def _np_kl(student, teacher, tau):
@@ -98,9 +103,9 @@ def test_forward_kl_matches_numpy_and_mask_selects_rows():
 
 def test_flexkd_pearson_barlow_mse_golden():
     assert flexkd_feature_loss(HS, HT, "pearson").item() == pytest.approx((0.2 + 2.0) / 2, abs=1e-4)
-    # diag: 0.2^2 + 2^2 = 4.04; off-diagonal: (-1)^2 + 0.8^2 = 1.64
-    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.01).item() == pytest.approx(4.0564, abs=1e-4)
-    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.0).item() == pytest.approx(4.04, abs=1e-4)
+    # diag: (0.2^2 + 2^2) / 2 = 2.02; off-diagonal: ((-1)^2 + 0.8^2) / 2 = 0.82 (both divided by d_S = 2)
+    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.01).item() == pytest.approx(2.0282, abs=1e-4)
+    assert flexkd_feature_loss(HS, HT, "barlow", lambda_off=0.0).item() == pytest.approx(2.02, abs=1e-4)
     # mse of standardised columns = 2 - 2 r per column: 0.4 and 4.0
     assert flexkd_feature_loss(HS, HT, "mse").item() == pytest.approx(2.2, abs=1e-4)
 
@@ -116,7 +121,7 @@ def _np_flexkd(hs, ht, kind, lambda_off, eps=1e-5):
     if kind == "pearson":
         return (1 - d).mean()
     if kind == "barlow":
-        return ((1 - d) ** 2).sum() + lambda_off * ((c**2).sum() - (d**2).sum())
+        return ((1 - d) ** 2).mean() + lambda_off * ((c**2).sum() - (d**2).sum()) / len(d)
     return ((a - b) ** 2).mean()
 
 
@@ -142,13 +147,58 @@ def test_flexkd_zero_for_per_unit_affine_and_scale_invariant(kind):
     assert flexkd_feature_loss(other, ht * scale + shift, kind).item() == pytest.approx(base, rel=1e-3, abs=1e-5)
 
 
+def test_barlow_golden_three_units():
+    # d_S = 3 (with d_S = 2, dividing the off-diagonal by d_S or by d_S (d_S - 1) would agree). Every student
+    # column is [1, 2, 3, 4]; teacher columns [1, 2, 3, 4], [4, 3, 2, 1], [1, 3, 2, 4] correlate with it 1, -1, 0.8,
+    # so every row of C is (1, -1, 0.8).
+    hs = torch.tensor([[1.0] * 3, [2.0] * 3, [3.0] * 3, [4.0] * 3])
+    ht = torch.tensor([[1.0, 4.0, 1.0], [2.0, 3.0, 3.0], [3.0, 2.0, 2.0], [4.0, 1.0, 4.0]])
+    diagonal = (0.0 + 4.0 + 0.04) / 3  # mean_i (1 - C_ii)^2 = 1.346667
+    off_diagonal = 2 * (1.0 + 1.0 + 0.64) / 3  # each column j holds C_ij^2 for the 2 rows i != j: 1.76
+    assert flexkd_feature_loss(hs, ht, "barlow", lambda_off=0.5).item() == pytest.approx(
+        diagonal + 0.5 * off_diagonal, abs=1e-4
+    )  # 2.226667
+    assert flexkd_feature_loss(hs, ht, "pearson").item() == pytest.approx((0.0 + 2.0 + 0.2) / 3, abs=1e-4)
+
+
+@pytest.mark.parametrize("d_s", [16, 64, 256])
+def test_barlow_on_the_scale_of_pearson_at_initialisation(d_s):
+    # What the README offers as a drop-in must weigh about the same under one feature_weight, whatever d_S.
+    g = torch.Generator().manual_seed(d_s)
+    hs, ht = torch.randn(200, d_s, generator=g), torch.randn(200, d_s, generator=g) * 2 + 1
+    pearson = flexkd_feature_loss(hs, ht, "pearson").item()
+    barlow = flexkd_feature_loss(hs, ht, "barlow").item()
+    assert 0.1 <= barlow / pearson <= 10.0, (d_s, pearson, barlow)
+
+
 def test_flexkd_refuses_bad_shapes_and_kind():
     with pytest.raises(ConfigError, match=r"\(4, 2\).*\(4, 3\)"):
         flexkd_feature_loss(torch.randn(4, 2), torch.randn(4, 3))
-    with pytest.raises(ConfigError, match="N >= 2"):
-        flexkd_feature_loss(torch.randn(1, 2), torch.randn(1, 2))
     with pytest.raises(ConfigError, match="pearson"):
         flexkd_feature_loss(HS, HT, kind="cosine")
+
+
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("loss", ["pearson", "barlow", "mse", "cka"])
+def test_too_few_feature_rows_give_zero_with_a_working_backward(loss, n):
+    # Standardising (Flex-KD) or centring (CKA) needs N >= 2 rows; a one-row DDP shard must not stop the run.
+    hs = torch.randn(n, 3, requires_grad=True)
+    ht = torch.randn(n, 3)
+    value = cka_loss(hs, ht) if loss == "cka" else flexkd_feature_loss(hs, ht, loss)
+    assert value.item() == 0.0 and value.requires_grad
+    value.backward()
+    assert hs.grad is not None and torch.equal(hs.grad, torch.zeros_like(hs))
+
+
+def test_projector_loss_on_no_rows_is_zero_with_zero_gradients():
+    projector = nn.Linear(2, 3)
+    value = projector_loss(projector, torch.randn(0, 2), torch.randn(0, 3))
+    assert value.item() == 0.0
+    value.backward()
+    # Zero gradients, not None: every rank all-reduces the projector's gradients.
+    assert all(p.grad is not None and not p.grad.any() for p in projector.parameters())
+    one = projector_loss(projector, torch.ones(1, 2), torch.zeros(1, 3))  # one row is a valid MSE
+    assert one.item() == pytest.approx(projector(torch.ones(1, 2)).pow(2).mean().item())
 
 
 # ---------------------------------------------------------------- CKA and projector
@@ -190,7 +240,12 @@ def test_projector_loss_golden():
 
 
 def test_registry_names_and_flags():
-    assert set(LOSS_TERMS) == {"ce", "kd", "projector", "cka", "flexkd"}
+    # Each term is registered under its own name; the feature terms are exactly the feature methods whose
+    # weights params.yaml takes (distill.feature_weight.<method>).
+    for name, term in LOSS_TERMS.items():
+        assert term.name == name and get_loss_term(name) is term
+    features = {name for name, term in LOSS_TERMS.items() if issubclass(term, FeatureTerm)}
+    assert features == set(config.FEATURE_METHODS) == set(config.FeatureWeights.model_fields)
     assert not LOSS_TERMS["ce"].needs_teacher_logits and not LOSS_TERMS["ce"].needs_teacher_hidden
     assert LOSS_TERMS["kd"].needs_teacher_logits and not LOSS_TERMS["kd"].needs_teacher_hidden
     for name in ("projector", "cka", "flexkd"):
@@ -221,24 +276,86 @@ def _objective(method, **kwargs):
     )
 
 
+def _feature_by_hand(method, objective, hs, ht):
+    if method == "projector":
+        return projector_loss(objective.feature_term.projector, hs, ht).item()
+    if method == "cka":
+        return cka_loss(hs, ht).item()
+    return flexkd_feature_loss(hs, ht[:, UNITS], "pearson").item()
+
+
 @pytest.mark.parametrize(
     "method,keys",
     [
         ("ft", {"task", "total"}),
         ("kd", {"task", "kd", "total"}),
-        ("projector", {"task", "kd", "feature/projector", "total"}),
-        ("cka", {"task", "kd", "feature/cka", "total"}),
-        ("flexkd", {"task", "kd", "feature/flexkd", "total"}),
+        ("projector", {"task", "kd", "feature/projector", "feature/projector_skipped", "total"}),
+        ("cka", {"task", "kd", "feature/cka", "feature/cka_skipped", "total"}),
+        ("flexkd", {"task", "kd", "feature/flexkd", "feature/flexkd_skipped", "total"}),
     ],
 )
 def test_objective_terms_per_method(method, keys):
-    objective = _objective(method)
+    objective = _objective(method, alpha=0.3, temperature=3.0, feature_weight=0.7)
     assert objective.needs_teacher == (method != "ft")
     assert objective.needs_teacher_hidden == (method in ("projector", "cka", "flexkd"))
-    total, terms = objective(**_batch())
+    batch = _batch()
+    total, terms = objective(**batch)
     assert set(terms) == keys
-    assert terms["total"].item() == pytest.approx(total.item())
-    assert METHODS == ("ft", "kd", "projector", "cka", "flexkd")
+    # The total, from the pure functions: (1 - alpha) task + alpha tau^2 kd + beta feat (ft: the task alone).
+    task = task_ce(batch["student_logits"], batch["labels"]).item()
+    expected = task
+    if method != "ft":
+        expected = 0.7 * task + 0.3 * 9.0 * forward_kl(batch["student_logits"], batch["teacher_logits"], 3.0).item()
+    if method in config.FEATURE_METHODS:
+        mask = batch["feature_mask"]
+        hs, ht = batch["student_hidden"][mask], batch["teacher_hidden"][mask]
+        expected += 0.7 * _feature_by_hand(method, objective, hs, ht)
+        assert terms[f"feature/{method}_skipped"].item() == 0.0
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert terms["total"].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", config.METHODS)
+def test_every_method_params_yaml_accepts_builds_its_terms(method):
+    # flexkd.config validates distill.methods; each of its methods must build here, with the terms it names.
+    assert method in METHODS
+    objective = _objective(method)
+    assert (objective.kd_term is None) == (method == "ft")
+    if method in config.FEATURE_METHODS:
+        assert objective.feature_term.name == method and get_loss_term(method) is type(objective.feature_term)
+    else:
+        assert objective.feature_term is None
+    # ... and nothing the config refuses is built.
+    with pytest.raises(ValueError, match="unknown method"):
+        config.DistillConfig(methods=[method + "_x"])
+    with pytest.raises(ConfigError, match="unknown distillation method"):
+        _objective(method + "_x")
+
+
+@pytest.mark.parametrize("method", ["projector", "cka", "flexkd"])
+@pytest.mark.parametrize("positions", [0, 1])
+def test_too_few_feature_positions_contribute_zero_and_are_reported(method, positions):
+    # A one-row shard under DDP (or a batch with no response position) must not stop the run: the feature term
+    # adds 0, backward works, and the step says it skipped the term. The projector's MSE is defined on one row.
+    objective = _objective(method, alpha=0.3, temperature=3.0, feature_weight=0.7)
+    batch = _batch()
+    batch["feature_mask"] = torch.zeros(B, T, dtype=torch.bool)
+    batch["feature_mask"][1, 2] = positions == 1
+    total, terms = objective(**batch)
+    skipped = positions < objective.feature_term.min_rows
+    assert terms[f"feature/{method}_skipped"].item() == float(skipped)
+    assert skipped == (method != "projector" or positions == 0)
+    task = task_ce(batch["student_logits"], batch["labels"]).item()
+    kd = forward_kl(batch["student_logits"], batch["teacher_logits"], 3.0).item()
+    if skipped:
+        assert terms[f"feature/{method}"].item() == 0.0
+        assert total.item() == pytest.approx(0.7 * task + 0.3 * 9.0 * kd, rel=1e-6)
+    total.backward()
+    assert batch["student_logits"].grad.abs().sum() > 0
+    assert batch["student_hidden"].grad is not None
+    if skipped:
+        assert not batch["student_hidden"].grad.any()
+        assert all(p.grad is not None and not p.grad.any() for p in objective.parameters())
 
 
 def test_objective_formula_and_unweighted_terms():

@@ -56,6 +56,11 @@ def _divergence_np(kind, p_s, p_t, beta=0.5, alpha=0.1):
     if kind == "reverse_kl":
         return _kl_np(p_s, p_t)
     if kind == "jsd":
+        # TRL's GKDTrainer.generalized_jsd_loss: beta = 0 is forward KL, beta = 1 reverse KL.
+        if beta == 0:
+            return _kl_np(p_t, p_s)
+        if beta == 1:
+            return _kl_np(p_s, p_t)
         m = [beta * t + (1 - beta) * s for s, t in zip(p_s, p_t)]
         return beta * _kl_np(p_t, m) + (1 - beta) * _kl_np(p_s, m)
     if kind == "skew_forward_kl":
@@ -135,17 +140,88 @@ def test_masked_positions_do_not_matter_and_no_rows_gives_zero(kind):
     assert empty.item() == 0.0 and empty.requires_grad
 
 
-def test_jsd_limits_and_symmetry():
-    forward = forward_kl(STUDENT, TEACHER, 1.0, MASK).item()
-    for beta in (0.0, 1e-6, 1.0 - 1e-6, 1.0):
-        assert generalized_jsd(STUDENT, TEACHER, 1.0, MASK, beta=beta).item() == pytest.approx(0.0, abs=1e-4 * forward)
+def _kl_by_hand(p_rows, q_rows):
+    """Mean over rows of sum_v p log(p / q), written out."""
+    total = 0.0
+    for p, q in zip(p_rows, q_rows):
+        total += sum(p[v] * math.log(p[v] / q[v]) for v in range(len(p)))
+    return total / len(p_rows)
+
+
+def _endpoint_case(shape):
+    """Seeded logits (B, C) without mask, or (B, T, V) with a mask and the labels whose response rows it is."""
+    g = torch.Generator().manual_seed(11)
+    if shape == "BC":
+        return torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g) * 2, None, None
+    labels = torch.tensor([[-100, 5, 1, 0], [-100, -100, 2, -100]])
+    mask = torch.tensor([[True, True, True, False], [False, True, False, False]])  # == response_mask(labels)
+    return torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g) * 2, mask, labels
+
+
+def _probability_rows(student, teacher, mask, tau):
+    student, teacher = student.double(), teacher.double()
+    if mask is not None:
+        student, teacher = student[mask], teacher[mask]
+    return [_softmax(r.tolist(), tau) for r in student], [_softmax(r.tolist(), tau) for r in teacher]
+
+
+@pytest.mark.parametrize("shape", ["BC", "BTV"])
+def test_jsd_endpoints_are_forward_and_reverse_kl(shape):
+    # TRL's convention: beta = 0 is KL(p_T || p_S), beta = 1 is KL(p_S || p_T) (the mixture formula would be 0).
+    student, teacher, mask, labels = _endpoint_case(shape)
+    p_s, p_t = _probability_rows(student, teacher, mask, 2.0)
+    forward, reverse = _kl_by_hand(p_t, p_s), _kl_by_hand(p_s, p_t)
+    assert forward > 0.1 and reverse > 0.1 and forward != pytest.approx(reverse, rel=1e-2)
+    assert generalized_jsd(student, teacher, 2.0, mask, beta=0.0).item() == pytest.approx(forward, rel=1e-5)
+    assert generalized_jsd(student, teacher, 2.0, mask, beta=1.0).item() == pytest.approx(reverse, rel=1e-5)
+    # The KD term (what jsd_beta configures) takes the same path; for (B, T, V) its rows are the response rows.
+    if labels is None:
+        labels = torch.zeros(student.shape[0], dtype=torch.long)
+    for beta, expected in ((0.0, forward), (1.0, reverse)):
+        assert LogitKD(temperature=2.0, kind="jsd", beta=beta)(student, teacher, labels).item() == pytest.approx(
+            expected, rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("shape", ["BC", "BTV"])
+def test_jsd_near_the_endpoints_tends_to_the_endpoint_kl_scaled_by_beta(shape):
+    # TRL's endpoints are not the limits of the value itself: JSD_beta ~ beta KL(p_T || p_S) as beta -> 0 and
+    # ~ (1 - beta) KL(p_S || p_T) as beta -> 1 (GKD's sense of "forward / reverse KL"). The value jumps at the
+    # endpoints by a factor 1 / beta; the direction (the normalised value) is continuous.
+    student, teacher, mask, _ = _endpoint_case(shape)
+    at_0 = generalized_jsd(student, teacher, 2.0, mask, beta=0.0).item()
+    at_1 = generalized_jsd(student, teacher, 2.0, mask, beta=1.0).item()
+    # The first-order correction is O(beta): rel 1e-4 at 1e-6 also checks that float32 keeps the digits there.
+    for eps, rel in ((1e-6, 1e-4), (1e-4, 1e-3)):
+        near_0 = generalized_jsd(student, teacher, 2.0, mask, beta=eps).item()
+        near_1 = generalized_jsd(student, teacher, 2.0, mask, beta=1.0 - eps).item()
+        assert near_0 / eps == pytest.approx(at_0, rel=rel)
+        assert near_1 / eps == pytest.approx(at_1, rel=rel)
+        assert near_0 < 1e-3 * at_0 and near_1 < 1e-3 * at_1
+
+
+@pytest.mark.parametrize("shape", ["BC", "BTV"])
+@pytest.mark.parametrize("beta,reference", [(0.0, forward_kl), (1.0, reverse_kl)])
+def test_jsd_gradients_at_the_endpoints_are_those_of_the_kl(shape, beta, reference):
+    student, teacher, mask, _ = _endpoint_case(shape)
+    student = student.clone().requires_grad_()
+    generalized_jsd(student, teacher, 2.0, mask, beta=beta).backward()
+    grad = student.grad.clone()
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 1e-3
+    student.grad = None
+    reference(student, teacher, 2.0, mask).backward()
+    assert torch.allclose(grad, student.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_jsd_symmetry():
     half = generalized_jsd(STUDENT, TEACHER, 1.0, MASK, beta=0.5).item()
     assert half > 0
     assert generalized_jsd(TEACHER, STUDENT, 1.0, MASK, beta=0.5).item() == pytest.approx(half, rel=1e-6)
-    # Swapping the roles maps beta to 1 - beta.
-    assert generalized_jsd(TEACHER, STUDENT, 1.0, MASK, beta=0.2).item() == pytest.approx(
-        generalized_jsd(STUDENT, TEACHER, 1.0, MASK, beta=0.8).item(), rel=1e-6
-    )
+    # Swapping the roles maps beta to 1 - beta, endpoints included (forward KL of one is reverse KL of the other).
+    for beta in (0.0, 0.2, 1.0):
+        assert generalized_jsd(TEACHER, STUDENT, 1.0, MASK, beta=beta).item() == pytest.approx(
+            generalized_jsd(STUDENT, TEACHER, 1.0, MASK, beta=1.0 - beta).item(), rel=1e-6
+        )
     # JSD at beta = 0.5 is bounded by ln 2.
     assert half <= math.log(2.0)
     with pytest.raises(ConfigError, match="beta"):
