@@ -672,9 +672,12 @@ def _display_sample_value(column: str | None, value):
 
 
 def _finish_failure(failure: dict, column: str | None) -> dict:
+    """A failure from the classification builder, with the generation suite's column names and sample values, and
+    worded by ``describe_failure`` under those names (its words for ``references`` and the token counts)."""
     failure["column"] = _display(column)
     for sample in failure["samples"]:
         sample["value"] = _display_sample_value(column, sample["value"])
+    failure["unexpected_values"] = [_display_sample_value(column, v) for v in failure["unexpected_values"]]
     if column == _SHORTEST_REF and not failure.get("details"):
         failure["details"] = "a reference is empty or whitespace-only (value: the row's shortest reference)"
     elif column == "reference_count" and not failure.get("details"):
@@ -682,7 +685,7 @@ def _finish_failure(failure: dict, column: str | None) -> dict:
     elif column in ("prompt_tokens", "response_tokens") and not failure.get("details"):
         what = "templated prompt" if column == "prompt_tokens" else "response + end token"
         failure["details"] = f"token length of the {what} outside the bounds (it would be truncated)"
-    return failure
+    return _validation.describe_failure(failure)
 
 
 def validate_generation(

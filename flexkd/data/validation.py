@@ -2,13 +2,17 @@
 
 Each split (``train``, ``test``, ...) as returned by ``load_table`` is checked by one GX expectation suite.
 Every failure names the split, the raw file, the column and the ``source_row`` of sample bad rows, i.e. the
-line to open in an editor. great_expectations is imported inside functions: importing it takes seconds.
+line to open in an editor. It is worded for the user, not in the validator's terms: what is wrong and for how many
+rows, where, and what to do (the setting to change, or the fix in the data), from one table (``EXPLANATIONS``);
+the GX expectation name comes last, for whoever reads the suite. great_expectations is imported inside functions:
+importing it takes seconds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,10 @@ class ValidationSettings:
 
 @dataclass
 class ValidationReport:
-    """Outcome of ``validate_classification``: overall success, failures with sample rows, per-split counts."""
+    """Outcome of ``validate_classification``: overall success, failures with sample rows, per-split counts.
+
+    Each failure carries ``message`` (what is wrong, rows, share, file and lines), ``remedy`` (what to do) and
+    ``check`` (the GX expectation and column), set by ``describe_failure``."""
 
     success: bool
     failures: list[dict] = field(default_factory=list)
@@ -72,9 +79,11 @@ class ValidationReport:
         if self.failures:
             lines += ["## Failures", ""]
             for number, failure in enumerate(self.failures, start=1):
-                target = f"`{failure['column']}`" if failure["column"] else "the table"
-                lines.append(f"### {number}. {failure['split']}: {failure['expectation']} on {target}")
+                lines.append(f"### {number}. {failure['message']}")
                 lines.append("")
+                lines.append(f"- what to do: {failure['remedy']}")
+                check = f"`{failure['expectation']}` on {_target(failure['column'])}"
+                lines.append(f"- check: {check} ({failure['split']} split)")
                 lines.append(f"- file: `{failure['file']}`")
                 if failure["kwargs"]:
                     lines.append(f"- arguments: `{json.dumps(_jsonable(failure['kwargs']), ensure_ascii=False)}`")
@@ -204,6 +213,228 @@ def _quiet_context():
     return context
 
 
+# --------------------------------------------------------------------------------------------- plain words
+@dataclass(frozen=True)
+class Explanation:
+    """What a failed expectation means for the data, and what the user can do about it.
+
+    Both are ``str.format`` templates over the facts of one failure (``_facts``): ``{rows}`` ("11 test rows
+    (0.55%)"), ``{where}`` (file and lines), ``{column}``, the expectation's bounds, and the suggested setting
+    that would tolerate it (``{tolerate}``, ``{duplicate_rate}``). The validator's own name for the check comes after
+    these words, never instead of them: "expect_column_values_to_not_be_in_set" tells a user nothing."""
+
+    what: str
+    remedy: str
+
+
+_DROPPED = "prepare then drops them and lists their lines in its manifest under dropped_invalid_rows"
+_TOLERATE = "or {tolerate} to tolerate up to that share (" + _DROPPED + ")"
+
+# Every expectation type the suites use (the classification suite here, the generation suite in
+# flexkd.data.generation) -> its words. The inner key is the failure's column as the report shows it, None for
+# any other column: a check whose meaning depends on the column (a null label is not a null text) gets its own
+# words. tests/unit/test_validation.py builds both suites and fails when a type they use has no entry here.
+EXPLANATIONS: dict[str, dict[str | None, Explanation]] = {
+    "expect_table_row_count_to_be_between": {
+        None: Explanation(
+            what="The {split} split has no rows: {file} holds no data rows.",
+            remedy="Point {file_param} at a file with data rows (a header line alone is not enough).",
+        ),
+    },
+    "expect_column_to_exist": {
+        None: Explanation(
+            what="The {split} data has no '{column}' column, so none of its {total} rows can be checked "
+            "({columns_found}): {file}.",
+            remedy="Map the file's column to it with data.columns.{column} (its name, or its 0-based position in a "
+            "file without header), or rename the column in the file.",
+        ),
+        "references": Explanation(
+            what="The {split} data has no references (responses), so none of its {total} rows can be checked "
+            "({columns_found}): {file}.",
+            remedy="Map the file's response column with data.columns.response (a string, or a list of references).",
+        ),
+    },
+    "expect_column_values_to_not_be_null": {
+        None: Explanation(
+            what="{rows} {have} no {column} (a missing field or null): {where}.",
+            remedy="Fill in or remove those rows, " + _TOLERATE + ".",
+        ),
+        "label": Explanation(
+            what="{rows} {have} no label (a missing field or null): {where}.",
+            remedy="Give those rows their label or remove them (validation.max_invalid_rate does not cover labels: "
+            "a row without a label can be neither trained on nor scored).",
+        ),
+    },
+    "expect_column_values_to_not_match_regex": {
+        None: Explanation(
+            what="{rows} {have} an empty or whitespace-only {column}: {where}.",
+            remedy="Fill in or remove those rows, " + _TOLERATE + ".",
+        ),
+        "references": Explanation(
+            what="{rows} {have} an empty or whitespace-only reference (response): {where}.",
+            remedy="Fill in or remove the empty references, " + _TOLERATE + ".",
+        ),
+    },
+    "expect_column_value_lengths_to_be_between": {
+        None: Explanation(
+            what="{rows} {have} a {column} shorter than {min_value} or longer than {max_value} characters "
+            "(found: {span}): {where}.",
+            remedy="Shorten, fill in or remove those rows, or widen the bounds with validation.max_chars / "
+            "validation.min_chars, " + _TOLERATE + ".",
+        ),
+        "input": Explanation(
+            what="{rows} {have} an input longer than {max_value} characters (found: {span}): {where}.",
+            remedy="Shorten or remove those inputs, or raise validation.max_chars (validation.max_invalid_rate does "
+            "not cover the input column).",
+        ),
+    },
+    "expect_column_values_to_be_in_set": {
+        None: Explanation(
+            what="{rows} {have} a {column} outside the allowed set ({values}; allowed: {allowed}): {where}.",
+            remedy="Correct those labels or remove the rows, or list every label in data.labels (without "
+            "data.labels the training file defines the labels and other splits may only use labels seen in it; "
+            "validation.max_invalid_rate does not cover labels).",
+        ),
+    },
+    "expect_column_values_to_not_be_in_set": {
+        None: Explanation(
+            what="{rows} also appear{s} in the training file (same {column}): {where}.",
+            remedy="Remove those rows from one of the two files, " + _TOLERATE + ", or set "
+            "validation.check_overlap: false to keep them (the {split} scores then include rows the model was "
+            "trained on).",
+        ),
+    },
+    "expect_column_proportion_of_unique_values_to_be_between": {
+        None: Explanation(
+            what="{rows} repeat{s} an earlier row's {column}, more than validation.max_duplicate_rate "
+            "({max_duplicate}) allows: {where}.",
+            remedy="Remove the repeated rows, or set validation.max_duplicate_rate: {duplicate_rate} to tolerate "
+            "that share (prepare keeps the first of each repeated training row and drops the rest; other splits "
+            "keep theirs).",
+        ),
+    },
+    "expect_column_values_to_be_between": {
+        None: Explanation(
+            what="{rows} {have} a {column} outside {min_value} to {max_value} (found: {span}): {where}.",
+            remedy="Correct or remove those rows, " + _TOLERATE + ".",
+        ),
+        "references": Explanation(
+            what="{rows} {have} no reference (an empty list of responses): {where}.",
+            remedy="Give those rows a response or remove them, " + _TOLERATE + ".",
+        ),
+        "prompt_tokens": Explanation(
+            what="{rows} {have} a prompt longer than {max_value} tokens once templated (found: {span}): {where}.",
+            remedy="Shorten or remove those prompts, or raise validation.max_prompt_tokens to {largest} or more "
+            "(training keeps the last generation.max_prompt_tokens tokens of a prompt), or {tolerate} to let up "
+            "to that share through (prepare keeps them; training truncates them).",
+        ),
+        "response_tokens": Explanation(
+            what="{rows} {have} a response longer than {max_value} tokens with its end token (found: {span}): "
+            "{where}.",
+            remedy="Shorten or remove those responses, or raise max_response_tokens of GenerationValidationSettings "
+            "to {largest} or more (training keeps the first generation.max_response_tokens tokens), or {tolerate} "
+            "to let up to that share through (prepare keeps them; training truncates them).",
+        ),
+    },
+}
+
+_UNKNOWN = Explanation(  # never shown for the suites' own checks (a test holds every type to an entry)
+    what="The {split} data failed a check without a plain-words description ({rows}): {where}.",
+    remedy="See the check's arguments in validation_report.md; then add its words to EXPLANATIONS in "
+    "flexkd/data/validation.py.",
+)
+_RAISED = Explanation(
+    what="The {split} data could not be checked for this: the validator stopped with \"{error}\" ({file}).",
+    remedy="Usually a column is missing or holds values of an unexpected type; check the column mapping "
+    "(data.columns) and the failures listed before this one.",
+)
+_LINES_SHOWN = 10  # line numbers spelled out in a message; the rest are counted
+_LINES_KEPT = 100  # line numbers kept per failure in the report
+
+
+def _suggest(share: float) -> float:
+    """A setting just above ``share`` (next 0.001 up): the GX ``mostly`` comparison is not fooled by rounding."""
+    return min(1.0, math.floor(share * 1000 + 1) / 1000)
+
+
+def _number(value):
+    """GX stores bounds as floats: 100.0 tokens reads as 100."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _listed(values, limit: int = 10) -> str:
+    shown = [repr(v) if isinstance(v, str) else str(v) for v in list(values)[:limit]]
+    return ", ".join(shown) + (", ..." if len(values) > limit else "")
+
+
+def _facts(failure: dict) -> dict:
+    """The template fields of ``EXPLANATIONS`` for one failure (see ``Explanation``)."""
+    kwargs = failure.get("kwargs") or {}
+    split, file, count, share = failure["split"], failure["file"], failure.get("rows"), failure.get("share")
+    lines = failure.get("lines") or []
+    unit = "rows" if str(file).startswith("hf://") else "lines"
+    shown = lines[:_LINES_SHOWN]
+    where = file
+    if shown:
+        more = (count or len(lines)) - len(shown)
+        unit = unit if len(shown) > 1 or more > 0 else unit[:-1]
+        where = f"{file} {unit} {', '.join(str(r) for r in shown)}" + (f" and {more} more" if more > 0 else "")
+    if count is None:
+        rows = f"all {failure.get('rows_total')} {split} rows"
+    else:
+        rows = f"{count} {split} row{'' if count == 1 else 's'}" + ("" if share is None else f" ({share * 100:.2f}%)")
+    invalid = _suggest(share or 0.0)
+    tolerate = f"set validation.max_invalid_rate: {invalid:g}"
+    if invalid >= 0.5:
+        tolerate += " (not accepted: it must stay below 0.5, so this many rows must be fixed in the data)"
+    low, high = (_number(v) for v in failure.get("unexpected_range") or [None, None])
+    min_value, max_value = _number(kwargs.get("min_value")), _number(kwargs.get("max_value"))
+    value_set = kwargs.get("value_set")
+    return {
+        "split": split,
+        "file": file,
+        "file_param": "data.train_file" if split == "train" else f"data.{split}_file (or data.test_size)",
+        "column": (failure.get("column") or "table").replace("+", " and "),
+        "rows": rows,
+        "have": "has" if count == 1 else "have",  # verbs after {rows} agree with it
+        "s": "s" if count == 1 else "",
+        "total": failure.get("rows_total"),
+        "where": where,
+        "min_value": "no minimum" if min_value is None else min_value,
+        "max_value": "no maximum" if max_value is None else max_value,
+        "span": "?" if low is None else (str(low) if low == high else f"{low} to {high}"),
+        "largest": high,
+        "values": _listed(failure.get("unexpected_values") or []),
+        "allowed": _listed(value_set) if isinstance(value_set, list) else value_set,
+        "columns_found": f"columns found: {_listed(failure.get('columns_found') or [], limit=_BIG)}",
+        "tolerate": tolerate,
+        "max_duplicate": None if min_value is None else round(1.0 - min_value, 6),
+        "duplicate_rate": f"{_suggest(share or 0.0):g}",
+        "error": failure.get("error"),
+    }
+
+
+def explanation_for(expectation: str, column: str | None) -> Explanation | None:
+    """The words of ``EXPLANATIONS`` for a check on a (report) column; None when the type has no entry."""
+    entry = EXPLANATIONS.get(expectation)
+    if entry is None:
+        return None
+    return entry.get(column, entry[None])
+
+
+def describe_failure(failure: dict) -> dict:
+    """Add ``message`` (what is wrong, how many rows, where), ``remedy`` (what to do, naming the setting) and
+    ``check`` (the validator's expectation and column) to a failure from ``_failure``; returns it.
+
+    Called again after a suite renames the failure's column (generation), so the words follow the report."""
+    words = _RAISED if failure.get("error") else explanation_for(failure["expectation"], failure["column"]) or _UNKNOWN
+    facts = _facts(failure)
+    failure["message"] = words.what.format(**facts)
+    failure["remedy"] = words.remedy.format(**facts)
+    failure["check"] = f"{failure['expectation']} on {_target(failure['column'])}"
+    return failure
+
+
 def _build_suite(gx, name: str, frame: pd.DataFrame, settings: ValidationSettings, allowed, train_keys):
     suite = gx.ExpectationSuite(name=name)
     E = gx.expectations
@@ -234,28 +465,59 @@ def _build_suite(gx, name: str, frame: pd.DataFrame, settings: ValidationSetting
     return suite
 
 
+def _raised(result) -> str | None:
+    """The validator's error when the check could not run. GX 1.x reports it either flat or per metric."""
+    info = result.exception_info or {}
+    entries = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    for entry in entries:
+        if entry.get("raised_exception"):
+            return str(entry.get("exception_message"))
+    return None
+
+
+def _measure(value):
+    """What a bounds check measures: a text's length, a number itself (None for anything else)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, numbers.Number) and not isinstance(value, bool) and not _is_missing(value):
+        return _jsonable(value)
+    return None
+
+
 def _failure(split: str, file: str, frame: pd.DataFrame, raw: pd.DataFrame, result, settings: ValidationSettings) -> dict:
+    """One failed expectation as the report keeps it: the validator's result plus the facts its plain words need
+    (rows affected and their share, their source lines, the offending values); ``describe_failure`` words it."""
     config = result.expectation_config
     column = config.kwargs.get("column")
     res = result.result or {}
-    samples = []
-    for entry in (res.get("unexpected_index_list") or [])[: settings.sample_rows]:
-        if isinstance(entry, dict):
-            samples.append({"row": int(entry["source_row"]), "value": _display_value(column, entry.get(column))})
-    details = None
+    index = [e for e in (res.get("unexpected_index_list") or []) if isinstance(e, dict)]
+    samples = [{"row": int(e["source_row"]), "value": _display_value(column, e.get(column))} for e in index]
+    samples = samples[: settings.sample_rows]
+    lines = [int(e["source_row"]) for e in index[:_LINES_KEPT]]
+    rows, share = res.get("unexpected_count"), res.get("unexpected_percent")
+    share = None if share is None else float(share) / 100.0
+    details, columns_found = None, None
     if config.type == "expect_column_proportion_of_unique_values_to_be_between" and column in frame.columns:
         repeated = frame[frame[column].duplicated(keep="first") & frame[column].notna()]
         samples = [
             {"row": int(row), "value": _display_value(column, value)}
             for row, value in zip(repeated["source_row"][: settings.sample_rows], repeated[column][: settings.sample_rows])
         ]
+        lines = [int(row) for row in repeated["source_row"][:_LINES_KEPT]]
+        rows, share = len(repeated), len(repeated) / max(1, int(frame[column].notna().sum()))
         if len(repeated):
             details = f"{len(repeated)} row(s) repeat an earlier row's value (samples are the repeats)"
     elif config.type == "expect_column_to_exist":
-        details = f"columns found: {[str(c) for c in raw.columns]}"
-    exception = result.exception_info or {}
-    if exception.get("raised_exception"):
-        details = f"expectation raised: {exception.get('exception_message')}"
+        columns_found = [str(c) for c in raw.columns]
+        details = f"columns found: {columns_found}"
+    error = _raised(result)
+    if error:
+        details = f"expectation raised: {error}"
+    unexpected = list(res.get("unexpected_list") or [])
+    distinct = list(dict.fromkeys(v for v in unexpected if isinstance(v, (str, int)) and not isinstance(v, bool)))
+    values = [_display_value(column, v) for v in distinct[: settings.sample_rows]]
+    measured = [m for m in map(_measure, unexpected) if m is not None]
+    bounded = "min_value" in config.kwargs or "max_value" in config.kwargs
     return {
         "split": split,
         "file": file,
@@ -267,6 +529,14 @@ def _failure(split: str, file: str, frame: pd.DataFrame, raw: pd.DataFrame, resu
         "observed_value": _jsonable(res.get("observed_value")),
         "details": details,
         "samples": _jsonable(samples),
+        "rows": rows,
+        "share": share,
+        "rows_total": len(frame),
+        "lines": lines,
+        "unexpected_values": _jsonable(values),
+        "unexpected_range": [min(measured), max(measured)] if bounded and measured else None,
+        "columns_found": columns_found,
+        "error": error,
     }
 
 
@@ -343,28 +613,23 @@ def validate_classification(
                 }
             )
             if not result.success:
-                report.failures.append(_failure(split, file, frame, splits[split], result, settings))
+                report.failures.append(describe_failure(_failure(split, file, frame, splits[split], result, settings)))
         record_outcome(report, split, file, frame, outcome)
     return report
 
 
 def raise_for_failures(report: ValidationReport, *, max_samples: int = 3) -> None:
-    """Raise ``ValidationFailed`` listing each failed expectation (split, file, column, first sample rows)."""
+    """Raise ``ValidationFailed`` with one entry per failed expectation: what is wrong in plain words (rows, share,
+    file and lines), what to do (the setting to change or the fix), the validator's check last, then sample rows."""
     if report.success:
         return
-    lines = [f"data validation failed: {len(report.failures)} expectation(s) not met"]
+    lines = [f"data validation failed: {len(report.failures)} problem(s) in the data"]
     for failure in report.failures:
-        amount = ""
-        if failure["unexpected_count"] is not None:
-            amount = f": {failure['unexpected_count']} row(s){_percent(failure)}"
-        elif failure.get("observed_value") is not None:
-            amount = f": observed {failure['observed_value']}"
-        lines.append(
-            f"- [{failure['split']}] {failure['file']}: {failure['expectation']} on "
-            f"{_target(failure['column'])}{amount}"
-        )
-        if failure.get("details"):
-            lines.append(f"    {failure['details']}")
+        if "message" not in failure:  # a failure built outside the suites' own loop
+            describe_failure(failure)
+        lines.append(f"- {failure['message']}")
+        lines.append(f"  What to do: {failure['remedy']}")
+        lines.append(f"  (check: {failure['check']})")
         for sample in failure["samples"][:max_samples]:
             lines.append(f"    line {sample['row']}: {_short(sample['value'])}")
     raise ValidationFailed("\n".join(lines), report=report)

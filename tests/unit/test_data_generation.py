@@ -297,7 +297,7 @@ def test_prepare_is_deterministic_and_splits_are_disjoint(tmp_path, alpaca, scit
 
 
 # --------------------------------------------------------------------------------------------- validation
-def test_suite_catches_bad_rows_and_passes_a_clean_sample(tmp_path, alpaca, scitldr, chat_tok):
+def test_suite_passes_a_clean_sample(alpaca, chat_tok):
     formatter = PromptFormatter(chat_tok, "instruction")
     clean = validate_generation(
         {"train": alpaca.head(40), "test": alpaca.tail(10)},
@@ -308,6 +308,11 @@ def test_suite_catches_bad_rows_and_passes_a_clean_sample(tmp_path, alpaca, scit
     assert clean.success, clean.failures
     raise_for_failures(clean)
 
+
+def test_suite_catches_bad_rows_in_plain_words(tmp_path, chat_tok):
+    """Each bad row is found at its line, and worded for the user: what is wrong for how many rows (and their
+    share), file and lines, what to do (the setting or the fix), then the validator's check."""
+    formatter = PromptFormatter(chat_tok, "instruction")
     rows = [{"instruction": f"a perfectly ordinary instruction number {i}", "output": f"answer {i}"} for i in range(40)]
     rows[3]["output"] = ""  # line 4: empty response
     rows[5]["instruction"] = "   \t "  # line 6: whitespace-only prompt
@@ -320,6 +325,7 @@ def test_suite_catches_bad_rows_and_passes_a_clean_sample(tmp_path, alpaca, scit
     test_rows = [
         {"doc": "a held out document", "refs": ["good summary", " "]},  # line 1: empty reference
         {"doc": rows[0]["instruction"], "refs": ["overlaps train line 1"]},  # line 2: overlap
+        {"doc": "another held out document", "refs": []},  # line 3: no reference at all
     ]
     test_path.write_text("".join(json.dumps(r) + "\n" for r in test_rows), encoding="utf-8")
     train = load_generation_table(train_path, columns=GenerationColumns("instruction", "output"), task="instruction")
@@ -347,7 +353,8 @@ def test_suite_catches_bad_rows_and_passes_a_clean_sample(tmp_path, alpaca, scit
     assert rows_ == [1] and empty_ref["samples"][0]["value"] == " "
     overlap, rows_ = failure("test", "expect_column_values_to_not_be_in_set", "prompt+input")
     assert rows_ == [2] and overlap["samples"][0]["value"] == {"prompt": rows[0]["instruction"], "input": ""}
-    # the empty response also fails the length bound and the references check: nothing else fails
+    # the empty response also fails the length bound and the references check, the row without references has no
+    # response either: nothing else fails
     found = [
         (f["split"], f["expectation"], f["column"], tuple(x["row"] for x in f["samples"])) for f in report.failures
     ]
@@ -361,10 +368,57 @@ def test_suite_catches_bad_rows_and_passes_a_clean_sample(tmp_path, alpaca, scit
             ("train", "expect_column_proportion_of_unique_values_to_be_between", "prompt+input", (10, 12)),
             ("test", "expect_column_values_to_not_match_regex", "references", (1,)),
             ("test", "expect_column_values_to_not_be_in_set", "prompt+input", (2,)),
+            ("test", "expect_column_values_to_be_between", "references", (3,)),
+            ("test", "expect_column_values_to_not_be_null", "response", (3,)),
         ]
     )
     with pytest.raises(ValidationFailed) as err:
         raise_for_failures(report)
-    assert f"[train] {train_path}: expect_column_values_to_be_between on column 'prompt_tokens'" in str(err.value)
-    assert "line 8:" in str(err.value)
+    text = str(err.value)
+    assert "line 8:" in text
     assert "prompt_tokens" in report.to_markdown()
+
+    def worded(split, expectation, column, says, fix):
+        found, _ = failure(split, expectation, column)
+        message = found["message"]
+        assert message.startswith(says), message
+        assert fix in found["remedy"], found["remedy"]
+        start = text.index(f"\n- {message}\n")  # plain words, then what to do, then the check
+        check = text.index(f"(check: {expectation} on column '{column}')", start)
+        assert fix in text[start:check]
+        markdown = report.to_markdown()
+        heading = markdown.index(f". {message}\n")
+        assert heading < markdown.index(f"`{expectation}` on column '{column}'", heading)
+        return message
+
+    empty = worded("train", "expect_column_values_to_not_match_regex", "response",
+                   "1 train row (2.50%) has an empty or whitespace-only response", "validation.max_invalid_rate: 0.026")
+    assert f"{train_path} line 4." in empty
+    blank = worded("train", "expect_column_values_to_not_match_regex", "prompt",
+                   "1 train row (2.50%) has an empty or whitespace-only prompt", "validation.max_invalid_rate: 0.026")
+    assert f"{train_path} line 6." in blank
+    long_prompt = worded("train", "expect_column_values_to_be_between", "prompt_tokens",
+                         "1 train row (2.50%) has a prompt longer than 100 tokens once templated (found: ",
+                         f"validation.max_prompt_tokens to {too_long['samples'][0]['value']} or more")
+    assert f"{train_path} line 8." in long_prompt
+    assert "prepare keeps them; training truncates them" in too_long["remedy"]  # not dropped, unlike char bounds
+    repeats = worded("train", "expect_column_proportion_of_unique_values_to_be_between", "prompt+input",
+                     "2 train rows (5.00%) repeat an earlier row's prompt and input, more than "
+                     "validation.max_duplicate_rate (0.01) allows", "validation.max_duplicate_rate: 0.051")
+    assert f"{train_path} lines 10, 12." in repeats
+    blank_ref = worded("test", "expect_column_values_to_not_match_regex", "references",
+                       "1 test row (50.00%) has an empty or whitespace-only reference (response)",
+                       "Fill in or remove the empty references")  # 1 of the 2 rows with references
+    assert f"{test_path} line 1." in blank_ref
+    no_ref = worded("test", "expect_column_values_to_be_between", "references",
+                    "1 test row (33.33%) has no reference (an empty list of responses)",
+                    "validation.max_invalid_rate: 0.334")
+    assert f"{test_path} line 3." in no_ref
+    no_response = worded("test", "expect_column_values_to_not_be_null", "response",
+                         "1 test row (33.33%) has no response (a missing field or null)",
+                         "validation.max_invalid_rate: 0.334")
+    assert f"{test_path} line 3." in no_response
+    leak = worded("test", "expect_column_values_to_not_be_in_set", "prompt+input",
+                  "1 test row (33.33%) also appears in the training file (same prompt and input)",
+                  "validation.check_overlap: false")
+    assert f"{test_path} line 2." in leak

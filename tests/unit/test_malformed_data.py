@@ -1,5 +1,6 @@
 """Malformed raw data is stopped by the validate stage, with a message (and, for bad rows, the report) naming the
-file, the column and the row.
+file, the column and the row; bad rows are described in plain words (what, how many, where, what to do) before
+the validator's name for the check.
 
 One case per kind of bad file, each run through the validate stage itself (``validate_flow.fn``: what
 ``python -m flows.validate`` and ``dvc repro`` run, without Prefect). A file that cannot be read as a table stops
@@ -51,11 +52,28 @@ CASES = {
     ),
     "labels outside the set": (
         "train.tsv", _tsv(CLEAN[:10] + ["an unlabeled thought\t7\n"] + CLEAN[10:]), ValidationFailed,
-        ["expect_column_values_to_be_in_set on column 'label'", "line 12"], ("label", [12]),
+        ["- 1 train row (3.23%) has a label outside the allowed set ('7'; allowed: '0', '1')", "train.tsv line 12.",
+         "data.labels", "(check: expect_column_values_to_be_in_set on column 'label')", "line 12"],
+        ("label", [12]),
     ),
     "empty texts": (
         "train.tsv", _tsv(CLEAN[:4] + ["\t1\n", "   \t0\n"] + CLEAN[4:]), ValidationFailed,
-        ["on column 'text'", "line 6", "line 7"], ("text", [6, 7]),
+        ["- 2 train rows (6.25%) have an empty or whitespace-only text", "train.tsv lines 6, 7.",
+         "validation.max_invalid_rate: 0.063", "(check: expect_column_values_to_not_match_regex on column 'text')"],
+        ("text", [6, 7]),
+    ),
+    "over-long text": (  # longer than any max_chars params.yaml would set
+        "train.tsv", _tsv(CLEAN[:3] + ["x" * 30000 + "\t1\n"] + CLEAN[3:]), ValidationFailed,
+        ["- 1 train row (3.23%) has a text shorter than 1 or longer than", "(found: 30000)", "train.tsv line 5.",
+         "validation.max_chars", "(check: expect_column_value_lengths_to_be_between on column 'text')"],
+        ("text", [5]),
+    ),
+    "duplicate rows": (
+        "train.tsv", _tsv(CLEAN + CLEAN[:3]), ValidationFailed,
+        ["- 3 train rows (9.09%) repeat an earlier row's text, more than validation.max_duplicate_rate",
+         "train.tsv lines 32, 33, 34.", "validation.max_duplicate_rate: 0.091",
+         "(check: expect_column_proportion_of_unique_values_to_be_between on column 'text')"],
+        ("text", [32, 33, 34]),
     ),
 }
 
@@ -99,4 +117,8 @@ def test_validate_stage_stops_malformed_data_naming_file_column_row(case, tmp_pa
     failures = [f for f in report["failures"] if f["split"] == "train" and f["column"] == column]
     assert failures and all(f["file"] == str(raw / name) for f in failures), report["failures"]
     assert rows == sorted({s["row"] for f in failures for s in f["samples"]})
+    for failure in report["failures"]:  # each: the plain words, then what to do, then the validator's check
+        start = message.index(f"- {failure['message']}\n")
+        remedy = message.index(f"  What to do: {failure['remedy']}\n", start)
+        assert remedy < message.index(f"(check: {failure['check']})", start)
     assert not (root / "data/prepared").exists()  # nothing after the gate
