@@ -109,10 +109,18 @@ def load_classifier(spec: str, *, label_map: dict[str, int] | None = None, trust
         )
     except OSError as err:
         raise FlexKDError(f"cannot load model {spec!r} from {source.location}: {err}") from err
-    if label_map is not None and model.config.num_labels != len(label_map):
+    except RuntimeError as err:
+        # num_labels=len(label_map) is passed above, so a checkpoint whose classification head has another label
+        # count fails here (transformers: size mismatch, ignore_mismatched_sizes=False), not after loading
+        if label_map is None or "ignore_mismatched_sizes" not in str(err):
+            raise
+        from transformers import AutoConfig
+
+        saved = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **source.kwargs())
         raise ConfigError(
-            f"model {spec!r} has {model.config.num_labels} labels but the task has {len(label_map)} ({sorted(label_map)})"
-        )
+            f"model {spec!r} ({source.location}) has a classification head of {saved.num_labels} labels but the task "
+            f"has {len(label_map)} ({sorted(label_map)}); use a model trained on this task's labels, or its base model"
+        ) from None
     return model
 
 

@@ -1,4 +1,6 @@
-"""The benchmark's arithmetic and report: aggregation over seeds, the paired delta, the overhead split, the markdown."""
+"""The benchmark's arithmetic and report: aggregation over seeds, the paired delta, the overhead split, the markdown.
+
+Expected values are worked out here from the inputs with the statistics module, not copied from a report."""
 
 import json
 import statistics
@@ -16,90 +18,227 @@ def record(seed, scores, teacher=0.8, wall=100.0, compute=(40.0, 50.0)):
         "wall_seconds": wall,
         "evaluation": {"primary_metric": "accuracy", "task": "sst2", "teacher": {"accuracy": teacher},
                        "students": {name: {"accuracy": value} for name, value in scores.items()}},
-        "stages": {f"stage{i}": {"peak_rss_mb": 500.0 + i, "compute_seconds": c, "stage_seconds": c + 5}
+        "stages": {f"stage{i}": {"peak_rss_mb": 500.0 + 7 * i + seed, "compute_seconds": c, "stage_seconds": c + 5}
                    for i, c in enumerate(compute)},
     }
 
 
+SCORES = {  # seed -> student/method -> accuracy
+    1: {"random/projector": 0.70, "random/flexkd": 0.72, "random/ft": 0.69, "pruned/projector": 0.75,
+        "pruned/flexkd": 0.74},
+    2: {"random/projector": 0.71, "random/flexkd": 0.70, "random/ft": 0.68, "pruned/projector": 0.77,
+        "pruned/flexkd": 0.79},
+    3: {"random/projector": 0.69, "random/flexkd": 0.73, "random/ft": 0.70, "pruned/projector": 0.76,
+        "pruned/flexkd": 0.80},
+}
+TEACHER = {1: 0.80, 2: 0.83, 3: 0.81}
 RECORDS = [
-    record(1, {"random/projector": 0.70, "random/flexkd": 0.72, "random/ft": 0.69}),
-    record(2, {"random/projector": 0.71, "random/flexkd": 0.70, "random/ft": 0.68}),
-    record(3, {"random/projector": 0.69, "random/flexkd": 0.73, "random/ft": 0.70}),
+    record(1, SCORES[1], TEACHER[1], wall=100.0, compute=(40.0, 50.0)),
+    record(2, SCORES[2], TEACHER[2], wall=120.0, compute=(45.0, 50.0)),
+    record(3, SCORES[3], TEACHER[3], wall=90.0, compute=(30.0, 55.0)),
 ]
+
+
+def column(name):
+    return [SCORES[seed][name] for seed in (1, 2, 3)]
 
 
 def test_aggregate_gives_mean_std_and_the_delta_paired_by_seed():
     result = aggregate(RECORDS)
     assert result["seeds"] == [1, 2, 3] and result["primary_metric"] == "accuracy"
-    flex = result["scores"]["random/flexkd"]
-    assert flex["mean"] == pytest.approx(statistics.fmean([0.72, 0.70, 0.73]))
-    assert flex["std"] == pytest.approx(statistics.stdev([0.72, 0.70, 0.73]))
-    delta = result["flexkd_minus_projector"]["random"]
-    assert delta["values"] == pytest.approx([0.02, -0.01, 0.04])
-    assert delta["std"] == pytest.approx(statistics.stdev([0.02, -0.01, 0.04]))
-    assert result["scores"]["teacher"]["std"] == 0.0
+    assert set(result["scores"]) == {"teacher", *SCORES[1]}
+    for name in SCORES[1]:
+        stats = result["scores"][name]
+        assert stats["values"] == column(name) and stats["n"] == 3
+        assert stats["mean"] == pytest.approx(statistics.fmean(column(name)))
+        assert stats["std"] == pytest.approx(statistics.stdev(column(name)))  # sample std (n - 1)
+    teacher = result["scores"]["teacher"]
+    assert teacher["mean"] == pytest.approx(statistics.fmean(TEACHER.values()))
+    assert teacher["std"] == pytest.approx(statistics.stdev(TEACHER.values()))
+    assert set(result["flexkd_minus_projector"]) == {"random", "pruned"}
+    for student in ("random", "pruned"):
+        paired = [f - p for f, p in zip(column(f"{student}/flexkd"), column(f"{student}/projector"))]
+        delta = result["flexkd_minus_projector"][student]
+        assert delta["values"] == pytest.approx(paired)
+        assert delta["mean"] == pytest.approx(statistics.fmean(paired))
+        # the std of the per-seed differences, not of the two columns apart
+        assert delta["std"] == pytest.approx(statistics.stdev(paired))
+
+
+def test_aggregate_of_one_seed_has_std_zero_and_no_delta_without_both_methods():
+    one = aggregate([record(5, {"random/flexkd": 0.6, "random/projector": 0.5, "pruned/flexkd": 0.7}, 0.9)])
+    assert one["scores"]["random/flexkd"] == {"mean": 0.6, "std": 0.0, "n": 1, "values": [0.6]}
+    assert one["flexkd_minus_projector"]["random"]["mean"] == pytest.approx(0.1)
+    assert "pruned" not in one["flexkd_minus_projector"]  # no projector run to pair with
+    # a seed that lost one method's run: the columns no longer pair up, so no delta (rather than a wrong one)
+    uneven = aggregate([record(1, {"random/flexkd": 0.6, "random/projector": 0.5}),
+                        record(2, {"random/flexkd": 0.7})])
+    assert uneven["scores"]["random/flexkd"]["n"] == 2 and "random" not in uneven["flexkd_minus_projector"]
+
+
+def test_aggregate_and_overhead_round_trip_through_json():
+    """results.json holds them: no tuples, sets or other types that come back different (or not at all)."""
+    for value in (aggregate(RECORDS), overhead(RECORDS[0]), overhead(split_record())):
+        assert json.loads(json.dumps(value)) == value
 
 
 def test_overhead_is_wall_minus_compute():
-    split = overhead(RECORDS[0])
-    assert split["compute_seconds"] == 90.0 and split["other_seconds"] == 10.0
-    assert split["overhead_ratio"] == pytest.approx(0.1)
+    for rec in RECORDS:
+        compute = sum(stage["compute_seconds"] for stage in rec["stages"].values())
+        split = overhead(rec)
+        assert split["wall_seconds"] == rec["wall_seconds"] and split["compute_seconds"] == pytest.approx(compute)
+        assert split["other_seconds"] == pytest.approx(rec["wall_seconds"] - compute)
+        assert split["overhead_ratio"] == pytest.approx((rec["wall_seconds"] - compute) / rec["wall_seconds"])
+    assert overhead(record(1, {}, wall=0.0, compute=(0.0,)))["overhead_ratio"] is None  # no division by zero
+
+
+PHASES = [(6, 2, 3, 75), (5, 1, 4, 85)]  # (startup, preflight, mlflow, process) seconds of the two stage processes
+PIPELINE = {"pipeline_setup_seconds": 15.0, "dvc_repro_seconds": 180.0}
 
 
 def split_record():
     """A run whose two stage processes logged their phases, and whose pipeline logged its own seconds."""
     rec = record(4, {"random/projector": 0.7, "random/flexkd": 0.7}, wall=200.0, compute=(60.0, 70.0))
-    for stage, (startup, preflight, mlflow, process) in zip(rec["stages"].values(), [(6, 2, 3, 75), (5, 1, 4, 85)]):
+    for stage, (startup, preflight, mlflow, process) in zip(rec["stages"].values(), PHASES):
         stage.update(startup_seconds=startup, preflight_seconds=preflight, mlflow_seconds=mlflow, process_seconds=process)
-    rec["pipeline"] = {"pipeline_setup_seconds": 15.0, "dvc_repro_seconds": 180.0}
+    rec["pipeline"] = dict(PIPELINE)
     return rec
 
 
+def expected_split(rec):
+    """The split worked out from the record's inputs: each phase summed over the stage processes."""
+    stages = list(rec["stages"].values())
+    total = {key: sum(stage[f"{key}_seconds"] for stage in stages) for key in ("startup", "preflight", "mlflow", "process")}
+    compute = sum(stage["compute_seconds"] for stage in stages)
+    return {"startup": total["startup"], "preflight": total["preflight"], "mlflow": total["mlflow"],
+            "in_stage": total["process"] - total["startup"] - total["preflight"] - total["mlflow"] - compute,
+            "dvc": rec["pipeline"]["dvc_repro_seconds"] - total["process"],
+            "pipeline": rec["wall_seconds"] - rec["pipeline"]["dvc_repro_seconds"]}
+
+
+PARTS = ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")
+
+
 def test_overhead_split_says_where_the_other_seconds_went_and_adds_up():
-    result = overhead(split_record())
+    rec = split_record()
+    result = overhead(rec)
     split = result["split"]
-    assert result["other_seconds"] == 70.0
-    assert (split["startup"], split["preflight"], split["mlflow"]) == (11, 3, 7)
-    assert split["in_stage"] == pytest.approx(160 - 11 - 3 - 7 - 130)  # process seconds less the named phases and compute
-    assert split["dvc"] == pytest.approx(180 - 160) and split["pipeline"] == pytest.approx(200 - 180)
-    assert sum(split[k] for k in ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")) == pytest.approx(70.0)
+    assert result["other_seconds"] == pytest.approx(200.0 - 130.0)
+    assert split["stage_processes"] == 2
+    for key, value in expected_split(rec).items():
+        assert split[key] == pytest.approx(value), key
+    assert sum(split[k] for k in PARTS) == pytest.approx(result["wall_seconds"] - result["compute_seconds"])
     assert "split" not in overhead(RECORDS[0])  # a run from before the phases were logged: no split, no guess
+    partial = split_record()
+    del partial["stages"]["stage1"]["process_seconds"]  # one stage without its phases: no split either
+    assert "split" not in overhead(partial)
 
 
-def test_report_holds_every_row_and_the_machine():
-    results = {
+def speed(relevance_ratio=1.21, term_share=0.013, flexkd_online=2.37, flexkd_cache=1.14, cached_over_online=0.48):
+    return {
+        "workspace": "sst2-seed1", "measured": "2026-11-29 10:00 UTC",
+        "relevance": {"batches": 4, "batch_size": 8, "seconds": {"relevance": 1.0, "plain": 1.0}, "ratio": relevance_ratio},
+        "distill_steps": {"student": "random", "batch_size": 8, "rounds": 3,
+                          "ratio_to_plain_step": {"ft/online": 1.0, "flexkd/online": flexkd_online,
+                                                  "flexkd/cache": flexkd_cache},
+                          "cached_over_online": {"flexkd": cached_over_online}, "flexkd_term_share": term_share},
+        "cache_sizes": {"selected": {"bytes": 3 * 2**20, "columns": 4, "positions": 12345},
+                        "full": {"bytes": 12 * 2**20, "columns": 16, "positions": 12345}, "selected_over_full": 0.25},
+    }
+
+
+SANITY = {"metric": "accuracy", "d_teacher": 8, "none": 0.8125,
+          "by_k": {"2": {"top": 0.6, "bottom": 0.79, "random_mean": 0.7833}, "6": {"top": 0.5, "bottom": 0.7, "random_mean": 0.61}}}
+
+
+def results_for(speed_section, runs=RECORDS):
+    """A results.json: the quality of RECORDS' three seeds, the overhead of ``runs``."""
+    return {
         "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24.0, "gpu": None, "python": "3.11", "torch": "2.13.0",
                     "platform": "Linux", "date": "2026-11-29"},
         "profiles": ["sst2"], "seeds": [1, 2, 3], "overrides": {},
         "quality": {"sst2": {"task": "sst2", "quality": aggregate(RECORDS),
                              "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]}
-                                      for r in [*RECORDS, split_record()]],
-                             "sanity": {"metric": "accuracy", "d_teacher": 8, "none": 0.8,
-                                        "by_k": {"2": {"top": 0.6, "bottom": 0.79, "random_mean": 0.78}}}}},
-        "speed": {
-            "workspace": "sst2-seed1", "measured": "2026-11-29 10:00 UTC",
-            "relevance": {"batches": 4, "batch_size": 8, "seconds": {"relevance": 1.0, "plain": 1.0}, "ratio": 1.0},
-            "distill_steps": {"student": "random", "batch_size": 8, "rounds": 3,
-                              "ratio_to_plain_step": {"ft/online": 1.0, "flexkd/online": 2.0, "flexkd/cache": 1.1},
-                              "cached_over_online": {"flexkd": 0.55}, "flexkd_term_share": 0.01},
-            "cache_sizes": {"selected": {"bytes": 2**20, "columns": 4, "positions": 100},
-                            "full": {"bytes": 2**21, "columns": 8, "positions": 100}, "selected_over_full": 0.5},
-        },
+                                      for r in runs],
+                             "sanity": SANITY}},
+        "speed": speed_section,
     }
-    text = render(results)
+
+
+def pm(values, scale=100.0):
+    """mean ± sample std × 100, as the report prints it, worked out here."""
+    return f"{statistics.fmean(values) * scale:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+def test_report_holds_the_numbers_computed_from_the_inputs():
+    records = [*RECORDS, split_record()]
+    text = render(results_for(speed(), runs=records))
     assert "Test CPU, 2 cores" in text and "Measured on the `sst2-seed1` workspace (2026-11-29 10:00 UTC)." in text
-    assert "**1.00x**, met (goal ≤ 1.3)" in text
-    assert "| flexkd | 2.00 | 1.10 | 0.55 |" in text
-    assert "**1.0%** of a flexkd step (teacher online), met (goal ≤ 5%)" in text and "**0.50x**" in text
-    assert "NOT met (goal ≤ 10%)" in text and "About 35 s per stage process" in text
-    assert "| sst2 seed 1 | 100 | 90 | 10 | 10.0% |" in text
-    assert "| sst2 seed 4 | 2 | 11 s (16%) | 3 s (4%) | 7 s (10%) | 9 s (13%) | 20 s (29%) | 20 s (29%) |" in text
-    assert "| sst2 seed 1 | 2 |" not in text  # runs without the split have no row in that table
-    assert "| stage0 | 500 |" in text
+
+    # quality: one row per student, the methods in METHODS order, the paired delta last
     assert "| student | ft | projector | flexkd | flexkd − projector |" in text
-    assert "| random | 69.00 ± 1.00 | 70.00 ± 1.00 | 71.67 ± 1.53 | 1.67 ± 2.52 |" in text
-    assert "| 2 | 60.00 | 79.00 | 78.00 |" in text
-    json.dumps(results)  # what results.json holds
+    for student in ("random", "pruned"):
+        paired = [f - p for f, p in zip(column(f"{student}/flexkd"), column(f"{student}/projector"))]
+        ft = pm(column(f"{student}/ft")) if f"{student}/ft" in SCORES[1] else ""
+        row = (f"| {student} | {ft} | {pm(column(f'{student}/projector'))} | {pm(column(f'{student}/flexkd'))} | "
+               f"{pm(paired)} |")
+        assert row in text, row
+    assert f"Teacher: {pm(list(TEACHER.values()))}." in text
+    for k, row in SANITY["by_k"].items():
+        assert f"| {k} | {row['top'] * 100:.2f} | {row['bottom'] * 100:.2f} | {row['random_mean'] * 100:.2f} |" in text
+    assert f"none silenced: {SANITY['none'] * 100:.2f}" in text
+
+    # overhead: a row per run, the mean and its goal
+    ratios, others = [], []
+    for rec in records:
+        compute = sum(stage["compute_seconds"] for stage in rec["stages"].values())
+        other = rec["wall_seconds"] - compute
+        ratios.append(other / rec["wall_seconds"])
+        others.append(other)
+        seed = rec["params"]["project"]["seed"]
+        row = f"| sst2 seed {seed} | {rec['wall_seconds']:.0f} | {compute:.0f} | {other:.0f} | {ratios[-1]:.1%} |"
+        assert row in text, row
+    mean = statistics.fmean(ratios)
+    assert f"Mean overhead **{mean:.1%}**, {'met' if mean <= 0.10 else 'NOT met'} (goal ≤ 10%)." in text
+    assert f"(mean {statistics.fmean(others):.0f} s:" in text
+    assert f"once compute passes {9 * statistics.fmean(others) / 60:.0f} minutes" in text
+
+    # the split: only the run that logged it, each part with its share of the other seconds
+    rec = split_record()
+    other = others[-1]
+    parts = expected_split(rec)
+    cells = " | ".join(f"{parts[key]:.0f} s ({parts[key] / other:.0%})" for key in PARTS)
+    assert f"| sst2 seed 4 | 2 | {cells} |" in text
+    assert sum(parts.values()) == pytest.approx(other)
+    assert "| sst2 seed 1 | 2 |" not in text  # runs without the split have no row in that table
+    assert f"About {other / 2:.0f} s per stage process" in text
+
+    # peak memory: the first run's stages
+    for name, stage in RECORDS[0]["stages"].items():
+        assert f"| {name} | {stage['peak_rss_mb']:.0f} | {stage['compute_seconds']:.1f} | {stage['stage_seconds']:.1f} |" in text
+    assert f"| stage1 | {RECORDS[1]['stages']['stage1']['peak_rss_mb']:.0f} |" not in text
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_report_speed_section_follows_the_measured_ratios(fast):
+    section = speed(relevance_ratio=1.21 if fast else 1.46, term_share=0.013 if fast else 0.071,
+                    flexkd_online=2.37 if fast else 3.18, flexkd_cache=1.14 if fast else 1.52,
+                    cached_over_online=0.48 if fast else 0.61)
+    text = render(results_for(section))
+    rel = section["relevance"]["ratio"]
+    assert f"**{rel:.2f}x**, {'met' if rel <= 1.3 else 'NOT met'} (goal ≤ 1.3)" in text
+    steps = section["distill_steps"]
+    ratios = steps["ratio_to_plain_step"]
+    assert "| ft | 1.00 |  |  |" in text  # ft has no cached variant
+    assert (f"| flexkd | {ratios['flexkd/online']:.2f} | {ratios['flexkd/cache']:.2f} | "
+            f"{steps['cached_over_online']['flexkd']:.2f} |") in text
+    share = steps["flexkd_term_share"]
+    assert f"**{share:.1%}** of a flexkd step (teacher online), {'met' if share <= 0.05 else 'NOT met'} (goal ≤ 5%)" in text
+    sizes = section["cache_sizes"]
+    assert (f"({sizes['selected']['positions']:,} token positions): selected units ({sizes['selected']['columns']}) "
+            f"{sizes['selected']['bytes'] / 2**20:.1f} MiB vs. every teacher unit ({sizes['full']['columns']}) "
+            f"{sizes['full']['bytes'] / 2**20:.1f} MiB: **{sizes['selected_over_full']:.2f}x**") in text
+    assert ("NOT met" in text.split("## Where the time goes")[1].split("Teacher cache")[0]) is not fast
 
 
 def test_params_for_sets_the_seed_and_refuses_a_bad_override():

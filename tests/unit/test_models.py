@@ -70,6 +70,22 @@ def test_packaged_teacher_resolves():
 
 
 def test_label_count_mismatch_is_refused(tmp_path):
+    save_checkpoint(tiny_teacher(num_labels=3), None, tmp_path / "three")
+    with pytest.raises(ConfigError) as err:
+        load_classifier(str(tmp_path / "three"), label_map={"a": 0, "b": 1})
+    message = str(err.value)
+    assert "3 labels" in message and "the task has 2" in message and str(tmp_path / "three") in message
+
+
+def test_label_map_names_the_labels_and_a_headless_base_model_gets_a_new_head(tmp_path):
     save_checkpoint(tiny_teacher(num_labels=2), None, tmp_path / "m")
     model = load_classifier(str(tmp_path / "m"), label_map={"a": 0, "b": 1})
-    assert model.config.id2label == {0: "a", 1: "b"}
+    assert model.config.id2label == {0: "a", 1: "b"} and model.config.label2id == {"a": 0, "b": 1}
+    assert torch.equal(model.classifier.weight, tiny_teacher(num_labels=2).classifier.weight)  # the saved head
+    # a base model (no classification head) takes any label count: the head is new, seeded
+    tiny_teacher().bert.save_pretrained(tmp_path / "base")
+    three = {"neg": 0, "neu": 1, "pos": 2}
+    a = load_classifier(str(tmp_path / "base"), label_map=three, seed=5)
+    b = load_classifier(str(tmp_path / "base"), label_map=three, seed=5)
+    assert a.config.num_labels == 3 and a.classifier.weight.shape == (3, 32)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)

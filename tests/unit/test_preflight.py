@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexkd.config import parse_config
+from flexkd.config import METHODS, parse_config
 from flexkd.errors import ConfigError, DataError
-from flexkd.preflight import check
+from flexkd.preflight import check, describe
 from tests.integration.project import save_tiny_bert, tiny_params
 
 
@@ -95,44 +95,64 @@ def _run_pipeline(root: Path, monkeypatch):
     pipeline_flow.fn()
 
 
-CASES = {
-    # the schema (flexkd.config)
-    "unknown method": ({"distill.methods": ["ft", "distilbert"]}, ConfigError, "distill.methods"),
-    "unknown feature loss": ({"distill.flexkd_loss": "cosine"}, ConfigError, "distill.flexkd_loss"),
-    "unknown logit loss": ({"distill.logit_loss": "kl"}, ConfigError, "distill.logit_loss"),
-    "negative learning rate": ({"distill.train.lr": -1e-3}, ConfigError, "distill.train.lr"),
-    "zero batch": ({"distill.train.batch_size": 0}, ConfigError, "distill.train.batch_size"),
-    # the pre-flight checks (flexkd.preflight)
-    "k > d_T": ({"students.random.hidden_size": 64, "students.pruned.hidden_size": 64}, ConfigError,
-                "students.random.hidden_size: 64 is more than the teacher's hidden size d_T = 32"),
-    "missing data dir": ({"data.data_dir": "/nonexistent/flexkd-data"}, DataError, "data.data_dir"),
-    "missing train file": ({"data.train_file": "nope.tsv"}, DataError, "data.train_file"),
-    "missing test file": ({"data.test_file": "nope.tsv"}, DataError, "data.test_file"),
-    "missing teacher": ({"teacher.model": "/nonexistent/teacher"}, ConfigError, "teacher.model"),
-    "tokenizer mismatch": ({"students.random.init": "path", "students.random.path": "<other>"}, ConfigError,
-                           "students.random.path"),
-    "path student of another hidden size": ({"students.random.init": "path", "students.random.path": "<teacher>"},
-                                            ConfigError, "students.random.hidden_size: 16, but the model at"),
-    "pruned: more layers than the teacher": ({"students.pruned.num_layers": 3}, ConfigError,
-                                             "students.pruned.num_layers: 3 is more than the teacher's 2 layers"),
-    "pruned: layer out of range": ({"students.pruned.prune_layers": [0, 5]}, ConfigError,
-                                   "students.pruned.prune_layers: [5] out of range"),
-    "pruned: heads that do not fit": ({"students.pruned.num_heads": 2}, ConfigError, "students.pruned.num_heads"),
-    "pruned: more MLP channels than the teacher": ({"students.pruned.intermediate_size": 128}, ConfigError,
-                                                   "students.pruned.intermediate_size"),
+# (the one mistake, the error, the key the message names, what the message says to do about it or why: one or more)
+SCHEMA_CASES = {  # flexkd.config: the message names params.yaml, then the key
+    "unknown method": ({"distill.methods": ["ft", "distilbert"]}, ConfigError, "distill.methods",
+                       f"unknown method(s) ['distilbert']; valid: {list(METHODS)}"),
+    "unknown feature loss": ({"distill.flexkd_loss": "cosine"}, ConfigError, "distill.flexkd_loss",
+                             "Input should be 'pearson', 'barlow' or 'mse' (got 'cosine')"),
+    "unknown logit loss": ({"distill.logit_loss": "kl"}, ConfigError, "distill.logit_loss",
+                           "Input should be 'forward_kl'"),
+    "negative learning rate": ({"distill.train.lr": -1e-3}, ConfigError, "distill.train.lr",
+                               "greater than 0 (got -0.001)"),
+    "zero batch": ({"distill.train.batch_size": 0}, ConfigError, "distill.train.batch_size", "greater than 0 (got 0)"),
 }
+PREFLIGHT_CASES = {  # flexkd.preflight: the message starts with the key
+    "k > d_T": ({"students.random.hidden_size": 64, "students.pruned.hidden_size": 64}, ConfigError,
+                "students.random.hidden_size", ("64 is more than the teacher's hidden size d_T = 32", "so k <= d_T")),
+    "missing data dir": ({"data.data_dir": "/nonexistent/flexkd-data"}, DataError, "data.data_dir",
+                         "Set the param data.data_dir or the env var FLEXKD_DATA_DIR"),
+    "missing train file": ({"data.train_file": "nope.tsv"}, DataError, "data.train_file",
+                           "nope.tsv does not exist (data.data_dir resolves to"),
+    "missing test file": ({"data.test_file": "nope.tsv"}, DataError, "data.test_file",
+                          "nope.tsv does not exist (data.data_dir resolves to"),
+    "missing teacher": ({"teacher.model": "/nonexistent/teacher"}, ConfigError, "teacher.model",
+                        "/nonexistent/teacher does not exist"),
+    "tokenizer mismatch": ({"students.random.init": "path", "students.random.path": "<other>"}, ConfigError,
+                           "students.random.path", "does not share the teacher's tokenizer"),
+    "path student of another hidden size": ({"students.random.init": "path", "students.random.path": "<teacher>"},
+                                            ConfigError, "students.random.hidden_size",
+                                            "16, but the model at students.random.path"),
+    "pruned: more layers than the teacher": ({"students.pruned.num_layers": 3}, ConfigError,
+                                             "students.pruned.num_layers", "3 is more than the teacher's 2 layers"),
+    "pruned: layer out of range": ({"students.pruned.prune_layers": [0, 5]}, ConfigError,
+                                   "students.pruned.prune_layers", "[5] out of range; the teacher has 2 layers (0..1)"),
+    "pruned: heads that do not fit": ({"students.pruned.num_heads": 2}, ConfigError, "students.pruned.num_heads",
+                                      "so num_heads must be 1, got 2"),
+    "pruned: more MLP channels than the teacher": ({"students.pruned.intermediate_size": 128}, ConfigError,
+                                                   "students.pruned.intermediate_size",
+                                                   "128 must be an integer in [1, 64]"),
+}
+CASES = {**SCHEMA_CASES, **PREFLIGHT_CASES}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_param_fails_before_any_compute_naming_the_key(case, project, models, tripwires, monkeypatch):
-    overrides, error, needle = CASES[case]
+    overrides, error, key, remedy = CASES[case]
     overrides = {k: str(models[v[1:-1]]) if isinstance(v, str) and v.startswith("<") else v
                  for k, v in overrides.items()}
     root = project(**overrides)
     before = (root / "params.yaml").read_text()
     with pytest.raises(error) as err:
         _run_pipeline(root, monkeypatch)
-    assert needle in str(err.value)
+    assert type(err.value) is error
+    message = str(err.value)
+    if case in SCHEMA_CASES:
+        assert message.startswith(f"{root / 'params.yaml'}: invalid parameters") and f"{key}: " in message
+    else:
+        assert message.startswith(f"{key}: ")
+    for needle in (remedy,) if isinstance(remedy, str) else remedy:
+        assert needle in message
     assert tripwires == []  # nothing past the checks ran
     assert not (root / "mlflow.db").exists() and not (root / ".flexkd").exists() and not (root / "data").exists()
     assert (root / "params.yaml").read_text() == before
@@ -151,17 +171,55 @@ def test_distill_stage_checks_too_before_loading_anything(project, tripwires, mo
     assert tripwires == []
 
 
-def test_good_params_pass(project, models):
+def _config(root: Path, **changes):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(changes)
+    return parse_config(params)
+
+
+def test_good_params_pass_with_no_notes(project, models):
     root = project(**{"students.random.init": "path", "students.random.path": str(models["same"])})
-    cfg = parse_config(yaml.safe_load((root / "params.yaml").read_text()))
-    assert check(cfg) == []
-    hub = parse_config({**yaml.safe_load((root / "params.yaml").read_text()),
-                        "data": {"task": "sst2", "source": "hub", "hub_id": "glue", "hub_config": "sst2",
-                                 "columns": {"text": "sentence", "label": "label"}}})
-    assert "data.source is hub" in check(hub)[0]  # noted, not checked: the validate stage loads it
+    notes = check(_config(root))
+    assert notes == []
+    assert describe(notes) == "pre-flight checks passed"
 
 
-def test_k_equal_to_d_t_is_fine(project, models):
+def test_what_is_not_checked_is_returned_as_a_note(project, tmp_path):
+    root = project()
+    hub = _config(root, data={"task": "sst2", "source": "hub", "hub_id": "glue", "hub_config": "sst2",
+                              "columns": {"text": "sentence", "label": "label"}})
+    notes = check(hub)
+    assert len(notes) == 1 and notes[0].startswith("data.source is hub (glue): ")  # noted, not checked
+    assert "validate stage" in notes[0]
+    assert describe(notes) == f"pre-flight checks passed ({notes[0]})"
+    assert check(hub, data=False) == []  # stages that do not read the raw data do not look at it
+    # a GGUF teacher whose header transformers cannot read: its sizes are not checked, and the note says so
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"not a gguf header")
+    notes = check(_config(root, teacher={**yaml.safe_load((root / "params.yaml").read_text())["teacher"],
+                                         "model": str(gguf)}))
+    assert notes == [f"teacher.model: the config of {gguf} could not be read; teacher sizes were not checked"]
+
+
+def test_data_false_skips_the_data_and_teacher_checks_against_another_teacher(project, models):
+    root = project(**{"data.data_dir": "/nonexistent/flexkd-data", "students.random.hidden_size": 32,
+                      "students.pruned.hidden_size": 32, "students.pruned.num_heads": 2})
+    cfg = _config(root)
+    with pytest.raises(DataError, match="^data.data_dir: "):
+        check(cfg)
+    assert check(cfg, data=False) == []
+    # later stages check against the tuned teacher: its sizes count, not teacher.model's
+    with pytest.raises(ConfigError) as err:
+        check(cfg, data=False, teacher=str(models["same"]))
+    assert str(err.value).startswith(
+        f"students.random.hidden_size: 32 is more than the teacher's hidden size d_T = 16 ({models['same']})")
+
+
+def test_k_equal_to_d_t_is_fine_and_the_next_k_is_not(project, models):
     root = project(**{"students.random.hidden_size": 32, "students.pruned.hidden_size": 32,
                       "students.pruned.num_heads": 2})
-    check(parse_config(yaml.safe_load((root / "params.yaml").read_text())))
+    assert check(_config(root)) == []
+    root = project(**{"students.random.hidden_size": 34, "students.pruned.hidden_size": 34})  # the next k 2 heads divide
+    with pytest.raises(ConfigError, match="^students.random.hidden_size: 34 is more than the teacher's hidden size "
+                                          "d_T = 32 .*so k <= d_T$"):
+        check(_config(root))
