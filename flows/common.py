@@ -138,16 +138,21 @@ def cli(description: str, method: bool = False) -> argparse.Namespace:
 
 
 def run_cli(flow_fn, description: str, method: bool = False) -> None:
-    """Entry point of ``python -m flows.<stage>``: a clear one-line error, exit status 1, on expected failures."""
+    """Entry point of ``python -m flows.<stage>``: a clear one-line error, exit status 1, on expected failures.
+
+    Without ``PREFECT_API_URL`` (a stage run by a bare ``dvc repro``), the temporary Prefect server is started
+    by :func:`flows.server.ensure_api`, as a child that cannot outlive this process even when it is killed."""
     import sys
 
     from flexkd.errors import FlexKDError
+    from flows.server import ensure_api
 
     args = cli(description, method)
     kwargs = {"params": args.params}
     if method:
         kwargs.update(student=args.student, method=args.method)
     try:
+        ensure_api()
         flow_fn(**kwargs)
     except FlexKDError as err:
         print(f"\nflexkd: {type(err).__name__}: {err}", file=sys.stderr)

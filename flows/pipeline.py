@@ -33,16 +33,11 @@ from flows.common import load_params, paths_for, preflight, project_root
 
 
 def _prefect_api_for_children() -> str | None:
-    """Let the stage processes talk to this process's Prefect API instead of each starting a temporary server."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
+    """Let the stage processes talk to this process's Prefect API instead of each starting a temporary server
+    (the one :func:`flows.server.ensure_api` started, a configured one, or Prefect's own if a caller skipped it)."""
+    from flows.server import api_url_for_children
 
-        server = SubprocessASGIServer()
-        return server.api_url if server.running else None
-    except Exception:  # noqa: BLE001 - an optimisation only; children fall back to their own server
-        return None
+    return api_url_for_children()
 
 
 # ------------------------------------------------------------------------------------ profile and overrides
@@ -221,6 +216,9 @@ if __name__ == "__main__":
                         help="set a dotted param in params.yaml first, e.g. --set distill.train.epochs=1 (repeatable)")
     args = parser.parse_args()
     try:
+        from flows.server import ensure_api
+
+        ensure_api()  # the temporary Prefect server (no PREFECT_API_URL) dies with this process, stages reuse it
         pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile,
                       overrides=parse_set(args.overrides) or None)
     except Exception as err:  # noqa: BLE001
