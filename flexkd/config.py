@@ -53,7 +53,13 @@ class DataConfig(_Strict):
         None,
         description="Directory of local datasets. None: env FLEXKD_DATA_DIR, else ../shared/datasets when it exists.",
     )
-    source: Literal["local", "hub"] = Field("local", description="local: files under data_dir; hub: a Hugging Face dataset id.")
+    source: Literal["auto", "local", "hub"] = Field(
+        "auto",
+        description="Where the raw data comes from. local: train_file/test_file under data_dir; hub: the Hugging Face "
+        "dataset hub_id (needs network or the local HF cache); auto: the local files when they are found, else the Hub "
+        "dataset (when hub_id is set); with data_dir set, auto means the files there. When neither can be reached the "
+        "run stops at once with one error naming both.",
+    )
     train_file: str | None = Field(None, description="Training file, relative to data_dir (tsv, csv, jsonl, json).")
     test_file: str | None = Field(
         None, description="Held-out evaluation file, relative to data_dir; reported metrics come from it. None: test_size rows of train."
@@ -67,6 +73,11 @@ class DataConfig(_Strict):
     hub_config: str | None = Field(None, description="Hub dataset config name, e.g. 'sst2'.")
     hub_train_split: str = Field("train", description="Hub split used for training.")
     hub_test_split: str = Field("validation", description="Hub split used as the held-out test set.")
+    hub_revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit); None: the default branch.")
+    hub_columns: ColumnsConfig | None = Field(
+        None, description="Column mapping of the Hub dataset when it differs from the local files' (e.g. CoLA's local "
+        "file has no header: positions locally, names on the Hub). None: the same as columns.",
+    )
     columns: ColumnsConfig = Field(description="Column mapping: text / text_pair / label, or prompt / input / response.")
     labels: list[str | int] | None = Field(None, description="Allowed labels, in id order. None: the sorted labels found in train.")
     validation_size: int | float = Field(
@@ -77,13 +88,14 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_fields(self):
-        if self.source == "local":
-            if not self.train_file:
-                raise ValueError("data.train_file is required when data.source is 'local'")
-            if not self.test_file and not self.test_size:
-                raise ValueError("data.test_file or data.test_size is required when data.source is 'local'")
-        elif not self.hub_id:
+        if self.source == "local" and not self.train_file:
+            raise ValueError("data.train_file is required when data.source is 'local'")
+        if self.source == "hub" and not self.hub_id:
             raise ValueError("data.hub_id is required when data.source is 'hub'")
+        if self.source == "auto" and not (self.train_file or self.hub_id):
+            raise ValueError("data.source 'auto' needs data.train_file (local files) or data.hub_id (a Hub dataset), or both")
+        if self.train_file and self.source != "hub" and not self.test_file and not self.test_size:
+            raise ValueError(f"data.test_file or data.test_size is required when data.source is '{self.source}'")
         if self.test_file and self.test_size:
             raise ValueError("data.test_file and data.test_size exclude each other: the test split comes from one of them")
         if isinstance(self.test_size, float) and not 0 < self.test_size < 1:
@@ -91,9 +103,11 @@ class DataConfig(_Strict):
         if isinstance(self.validation_size, float) and not 0 < self.validation_size < 1:
             raise ValueError("data.validation_size: a float must be a fraction in (0, 1)")
         needed = ("text", "label") if self.format == "classification" else ("prompt", "response")
-        for key in needed:
-            if getattr(self.columns, key) is None:
-                raise ValueError(f"data.columns.{key} is required for data.format '{self.format}'")
+        for group in ("columns", "hub_columns"):
+            mapping = getattr(self, group)
+            for key in needed if mapping is not None else ():
+                if getattr(mapping, key) is None:
+                    raise ValueError(f"data.{group}.{key} is required for data.format '{self.format}'")
         return self
 
     @property
@@ -240,7 +254,10 @@ class DistillConfig(_Strict):
     logit_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "forward_kl", description="Logit term: forward KL (Hinton), reverse KL (MiniLLM-style), generalised JSD (GKD), skew KL (DistiLLM)."
     )
-    jsd_beta: float = Field(0.5, ge=0, le=1, description="beta of the generalised JSD.")
+    jsd_beta: float = Field(
+        0.5, ge=0, le=1, description="beta of the generalised JSD (GKD's convention): the mixture weight of the "
+        "teacher; 0 is forward KL(teacher || student), 1 reverse KL(student || teacher), as in TRL.",
+    )
     skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of the skew forward / reverse KL.")
     students: list[str] = Field(["random"], min_length=1, description="Which entries of `students` to train (each with every method).")
     barlow_lambda_off: float = Field(

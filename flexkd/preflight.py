@@ -51,7 +51,9 @@ def check(cfg: FlexKDConfig, *, data: bool = True, teacher: str | None = None) -
 def check_data(data: DataConfig) -> list[str]:
     """The data directory and the configured files exist (local source); a Hub dataset is only noted."""
     from flexkd.data.sources import resolve_data_dir
+    from flexkd.data.task import resolve_source
 
+    data = resolve_source(data)  # auto: local files when found, else the Hub (reachable, or one error naming both)
     if data.source == "hub":
         return [f"data.source is hub ({data.hub_id}): the dataset is checked when the validate stage loads it"]
     try:

@@ -180,13 +180,14 @@ class ClassificationTask(Task):
         features = self.features(prepared_dir, "test", tokenizer)
         return self.validation_scores(model, features, self.collate(tokenizer)), None
 
-    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path) -> str:
+    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path, name: str = "model") -> str:
+        """Log the checkpoint as a pyfunc model called ``name`` (the student and method: ``pruned-flexkd``)."""
         from flexkd.data.prepare import load_label_map, load_split
 
         examples = [r["text"] for r in load_split(prepared_dir / "validation.jsonl")[:3]]
         return tracking.log_classifier_model(
             checkpoint_dir, label_map=load_label_map(prepared_dir), max_length=self.cfg.teacher.max_length,
-            input_example_texts=examples, text_pair=self.cfg.data.columns.text_pair is not None,
+            input_example_texts=examples, text_pair=self.cfg.data.columns.text_pair is not None, artifact_path=name,
         )
 
 
@@ -211,27 +212,34 @@ class GenerationTask(Task):
                                summary_instruction=g.summary_instruction)
 
     # -- data -----------------------------------------------------------------------------------------
-    def _columns(self):
+    def _columns(self, data=None):
         from flexkd.data.generation import GenerationColumns
 
-        c = self.cfg.data.columns
+        c = (data or self.cfg.data).columns
         return GenerationColumns(prompt=c.prompt, response=c.response, input=c.input)
 
     def load_raw(self):
         from flexkd.data.generation import load_generation_hub, load_generation_table
-        from flexkd.data.task import hold_out_test, source_files
+        from flexkd.data.task import hold_out_test, local_problem, neither_source_error, resolve_source, source_files
+        from flexkd.errors import DataError
 
-        data = self.cfg.data
+        data = resolve_source(self.cfg.data)
+        columns = self._columns(data)
         if data.source == "hub":
             names = {"train": data.hub_train_split, **({} if data.test_size else {"test": data.hub_test_split})}
-            splits = {
-                split: load_generation_hub(data.hub_id, columns=self._columns(), task=data.format, split=name,
-                                           config=data.hub_config)
-                for split, name in names.items()
-            }
+            try:
+                splits = {
+                    split: load_generation_hub(data.hub_id, columns=columns, task=data.format, split=name,
+                                               config=data.hub_config, revision=data.hub_revision)
+                    for split, name in names.items()
+                }
+            except DataError as err:
+                if self.cfg.data.source == "auto":
+                    raise neither_source_error(data, local_problem(data) if data.train_file else None, str(err)) from err
+                raise
             return hold_out_test(splits, data, self.cfg.project.seed, ["prompt", "input"])
         splits = {
-            split: load_generation_table(path, columns=self._columns(), task=data.format, fmt=data.file_format,
+            split: load_generation_table(path, columns=columns, task=data.format, fmt=data.file_format,
                                          header=data.header)
             for split, path in source_files(data).items()
         }
@@ -337,7 +345,8 @@ class GenerationTask(Task):
             scores["rougeL_greedy"] = float(greedy["rougeL"])
         return scores, result["predictions"]
 
-    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path) -> str:
+    def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path, name: str = "model") -> str:
+        """Log the checkpoint as a pyfunc text generator called ``name`` (the student and method)."""
         from flexkd.models import load_tokenizer
 
         g = self.cfg.generation
@@ -346,7 +355,7 @@ class GenerationTask(Task):
         return tracking.log_generator_model(
             checkpoint_dir, max_new_tokens=g.max_new_tokens, max_prompt_tokens=g.max_prompt_tokens,
             use_chat_template=formatter.use_chat_template, summary_instruction=g.summary_instruction,
-            task=self.cfg.data.format, input_example_prompts=examples,
+            task=self.cfg.data.format, input_example_prompts=examples, artifact_path=name,
         )
 
 

@@ -35,6 +35,9 @@ PIPELINE_RUN_ENV = "FLEXKD_PIPELINE_RUN_ID"
 PIPELINE_RUN_FILE = Path(".flexkd") / "pipeline_run_id"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# MLflow 3 opens an experiment in its GenAI view (traces, judges) unless the experiment says it is model training
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's limits (mlflow.utils.validation); kept here so that this module imports without mlflow.
 _MAX_KEY = 250
@@ -93,10 +96,13 @@ def setup(project_root: str | Path, experiment: str) -> str:
         if db is not None:
             location = (db.parent / "mlartifacts" / sanitize_key(experiment).replace("/", "_")).as_uri()
         try:
-            client.create_experiment(experiment, artifact_location=location)
+            client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             if client.get_experiment_by_name(experiment) is None:  # not a lost race with another process
                 raise
+    found = client.get_experiment_by_name(experiment)
+    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # also an experiment made by an older flexkd
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment)
     return uri
 
@@ -171,13 +177,24 @@ def _usable_parent(client, run_id: str, experiment_id: str) -> bool:
     return run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id
 
 
-def _create_pipeline_run(project_root: str | Path, experiment: str, run_name: str) -> str:
+def pipeline_run_name(*, task: str, seed: int, profile: str | None = None, commit: str | None = None,
+                      dirty: bool = False, how: str = "pipeline") -> str:
+    """``pipeline-<profile>-<task>-seed<seed>-<short commit>[-dirty]``: two runs of other set-ups or code differ."""
+    parts = [how, *([profile] if profile and profile != task else []), task, f"seed{seed}"]
+    if commit:
+        parts.append(commit[:7] + ("-dirty" if dirty else ""))
+    return "-".join(parts)
+
+
+def _create_pipeline_run(project_root: str | Path, experiment: str, run_name: str, description: str | None = None) -> str:
     import mlflow
 
     setup(project_root, experiment)
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     tags = {"flexkd.kind": "pipeline", **_git_tags(project_root)}
+    if description:
+        tags["mlflow.note.content"] = _truncate(description, _MAX_TAG_VALUE)  # the run's description in the UI
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     _write_run_file(project_root, run.info.run_id)
     return run.info.run_id
@@ -205,13 +222,24 @@ def pipeline_run_id(project_root: str | Path, experiment: str, *, create: bool =
             return stored
     if not create:
         return None
-    return _create_pipeline_run(project_root, experiment, "pipeline")
+    git = _git_tags(project_root)
+    name = f"dvc-repro-{git['flexkd.git_commit'][:7]}" if git else "dvc-repro"
+    return _create_pipeline_run(project_root, experiment, name, description=(
+        "Stages run by `dvc repro` (or one stage on its own) outside the pipeline flow; their runs nest here."))
 
 
 @resources.phase("mlflow")
-def start_pipeline_run(project_root: str | Path, experiment: str, run_name: str = "pipeline") -> str:
-    """Always create a fresh pipeline parent run and record it in ``.flexkd/pipeline_run_id``."""
-    return _create_pipeline_run(project_root, experiment, run_name)
+def start_pipeline_run(project_root: str | Path, experiment: str, run_name: str = "pipeline",
+                       description: str | None = None) -> str:
+    """Always create a fresh pipeline parent run (``description``: the run's note in the UI) and record it in
+    ``.flexkd/pipeline_run_id``."""
+    return _create_pipeline_run(project_root, experiment, run_name, description)
+
+
+def git_state(project_root: str | Path) -> tuple[str | None, bool]:
+    """(commit, dirty) of the project's git checkout; (None, False) outside git."""
+    tags = _git_tags(project_root)
+    return tags.get("flexkd.git_commit"), tags.get("flexkd.git_dirty") == "true"
 
 
 @resources.phase("mlflow")
@@ -872,17 +900,24 @@ def register_student(
     *,
     model_uri: str,
     run_id: str,
-    metric_name: str,
-    metric_value: float,
+    selection,
     model_card_md: str,
     tags: Mapping[str, Any] | None = None,
+    test_metrics: Mapping[str, float] | None = None,
     higher_is_better: bool = True,
 ) -> dict:
     """Register a student as a new version of ``flexkd-<task>`` and move the aliases.
 
-    The version gets tags (metric_name, metric_value, run_id, and ``tags``), the model card as its
-    description and as ``model_card.md`` in the run. It takes ``champion`` when there is none or it is
-    strictly better than the champion's ``metric_value`` tag; otherwise it becomes ``challenger``.
+    ``selection`` (a :class:`flexkd.selection.Selection`) says how the student was chosen: on the validation
+    split, by which metric, its value and the validation data's fingerprint. The version gets those as tags
+    (``selection_split``, ``selection_metric``, ``selection_value``, ``validation_fingerprint``), the test
+    metrics as ``test_<name>`` tags (reported, never compared), ``tags``, and the model card as its description
+    and as ``model_card.md`` in the run.
+
+    It takes ``champion`` when there is none, or when the champion was chosen on the same validation data
+    (fingerprint) by the same metric and this one is strictly better there. Otherwise it becomes ``challenger``,
+    and ``reason`` in the result (and the version's ``alias_reason`` tag) says why: scores on other validation
+    data, or by another metric, say nothing about which student is better.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -895,42 +930,59 @@ def register_student(
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
 
-    version_tags = {
-        "metric_name": metric_name,
-        "metric_value": repr(float(metric_value)),
-        "higher_is_better": str(bool(higher_is_better)).lower(),
-        "run_id": run_id,
-        "task": task,
-    }
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    alias, reason, previous_version, previous_value = _compare_with_champion(champion, selection, higher_is_better)
+
+    version_tags = {**selection.as_tags(), "higher_is_better": str(bool(higher_is_better)).lower(), "run_id": run_id,
+                    "task": task, "alias_reason": _truncate(reason, _MAX_REGISTRY_TAG_VALUE)}
+    version_tags.update({f"test_{k}": repr(float(v)) for k, v in (test_metrics or {}).items()})
     version_tags.update({str(k): _truncate(str(v), _MAX_REGISTRY_TAG_VALUE) for k, v in (tags or {}).items()})
     client.log_text(run_id, model_card_md, "model_card.md")
     mv = mlflow.register_model(model_uri, name, tags=version_tags)
     version = str(mv.version)
     client.update_model_version(name, version, description=model_card_md)
-
-    previous_version, previous_metric = None, None
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if champion is not None:
-        previous_version = str(champion.version)
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            previous_metric = float(champion.tags["metric_value"])
-    value = float(metric_value)
-    if previous_metric is None or math.isnan(previous_metric):
-        better = champion is None or previous_metric is None
-    else:
-        better = value > previous_metric if higher_is_better else value < previous_metric
-    alias = CHAMPION if better else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
     return {
         "name": name,
         "version": version,
         "alias": alias,
+        "reason": reason,
         "previous_champion": previous_version,
-        "previous_metric": previous_metric,
+        "previous_value": previous_value,
     }
+
+
+def _compare_with_champion(champion, selection, higher_is_better: bool) -> tuple[str, str, str | None, float | None]:
+    """(alias, reason, champion version, champion's selection value) for a new version chosen by ``selection``."""
+    if champion is None:
+        return CHAMPION, "the first version chosen on validation: no champion yet", None, None
+    version, ctags = str(champion.version), champion.tags or {}
+    value = None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        value = float(ctags["selection_value"])
+    if ctags.get("selection_split") != selection.split or value is None or math.isnan(value):
+        return CHALLENGER, (
+            f"the champion (version {version}) records no {selection.split} score (registered before selection moved "
+            "to the validation split), so the two cannot be compared; move the alias by hand once you have compared "
+            "them on the same data"), version, None
+    if ctags.get("selection_metric") != selection.metric:
+        return CHALLENGER, (
+            f"the champion (version {version}) was chosen by {ctags.get('selection_metric')}, this one by "
+            f"{selection.metric}: not comparable (evaluate.primary_metric changed)"), version, value
+    if ctags.get("validation_fingerprint") != selection.validation_fingerprint:
+        return CHALLENGER, (
+            f"the champion (version {version}) was chosen on other validation data (fingerprint "
+            f"{str(ctags.get('validation_fingerprint'))[:12]} vs {selection.validation_fingerprint[:12]}): scores on "
+            "different data do not say which student is better"), version, value
+    better = selection.value > value if higher_is_better else selection.value < value
+    if better:
+        return CHAMPION, (f"beats the champion (version {version}) on the same validation data: {selection.metric} "
+                          f"{selection.value:.4f} vs {value:.4f}"), version, value
+    return CHALLENGER, (f"does not beat the champion (version {version}) on the same validation data: {selection.metric} "
+                        f"{selection.value:.4f} vs {value:.4f}"), version, value
 
 
 # ------------------------------------------------------------------------------------------- model card
@@ -963,6 +1015,14 @@ def _fmt(value: Any) -> str:
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+_METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC", "rougeL": "ROUGE-L",
+                 "rougeL_std": "ROUGE-L std", "rougeL_greedy": "ROUGE-L greedy", "loss": "NLL", "neg_loss": "-NLL"}
+
+
+def _metric_name(key: str) -> str:
+    return _METRIC_NAMES.get(str(key), str(key))
 
 
 def _kv_lines(items: Mapping[str, Any], first: list[tuple[str, str]]) -> list[str]:
@@ -998,8 +1058,12 @@ def model_card(
     relevance: Mapping[str, Any] | None,
     loss_weights: Mapping[str, float] | None = None,
     task_format: str = "classification",
+    selection_note: str | None = None,
 ) -> str:
     """Markdown model card of a registered student.
+
+    ``metrics`` maps a split name to its scores (``{"validation": {...}, "test": {...}}``), each rendered as one
+    line that names the split; ``selection_note`` says above them how the student was chosen.
 
     ``task_format``: ``classification`` (default; metrics as given, loading with
     ``AutoModelForSequenceClassification``, pyfunc input ``text``) or ``instruction`` / ``summarization``
@@ -1031,7 +1095,7 @@ def model_card(
         *_kv_lines(teacher, [("id", "Model"), ("spec", "Model"), ("hash", "Weights hash"),
                              ("weights_hash", "Weights hash"), ("parameters", "Parameters"),
                              ("num_parameters", "Parameters"), ("metric", "Metric"), ("score", "Score"),
-                             ("test", "Test scores")]),
+                             ("validation", "Validation scores"), ("test", "Test scores")]),
         "",
         "## Student",
         *_kv_lines(student, [("architecture", "Architecture"), ("num_parameters", "Parameters"),
@@ -1048,16 +1112,20 @@ def model_card(
     ]
     if loss_weights:
         lines.append(f"- **Loss weights**: {_fmt(loss_weights)}")
+    lines += ["", "## Metrics", ""]
+    if selection_note:
+        lines += [selection_note, ""]
     if generation:
-        lines += [
-            "", "## Metrics", "",
-            "ROUGE-L F-measure (best over each example's references, Porter stemming), averaged, in points "
-            "(x 100); greedy decoding unless stated otherwise.",
-            "", "| metric | value |", "|---|---|",
-        ]
-    else:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines += ["ROUGE-L F-measure (best over each example's references, Porter stemming), averaged, in points "
+                  "(x 100); greedy decoding unless stated otherwise. Validation NLL: mean negative log-likelihood "
+                  "per response token.", ""]
+    # bullet lists, one per split: they render in every Markdown viewer (the registry's included)
+    for split, values in metrics.items():
+        if isinstance(values, Mapping):
+            shown = ", ".join(f"{_metric_name(k)} {_fmt(v)}" for k, v in values.items())
+            lines.append(f"- **{split} split**: {shown or 'none'}")
+        else:
+            lines.append(f"- **{_metric_name(split)}**: {_fmt(values)}")
     lines += ["", "## Selected teacher units"]
     if selected_units:
         lines.append(f"- **Count**: {len(selected_units)}")

@@ -145,8 +145,9 @@ def run_cli(flow_fn, description: str, method: bool = False) -> None:
     import sys
 
     from flexkd.errors import FlexKDError
-    from flows.server import ensure_api
+    from flows.server import die_with_parent, ensure_api
 
+    die_with_parent()  # killed `dvc repro` or pipeline: this stage stops too, its Prefect server with it
     args = cli(description, method)
     kwargs = {"params": args.params}
     if method:

@@ -191,7 +191,7 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
         })
         try:
             tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
-            summary["model_uri"] = task.log_model(tracking, out_dir, paths.prepared)
+            summary["model_uri"] = task.log_model(tracking, out_dir, paths.prepared, name=f"{student}-{method}")
         except Exception as err:  # noqa: BLE001 - whatever MLflow raised, say where the student is
             message = (f"{student}/{method}: the trained student is saved in {out_dir}, but logging it to MLflow failed "
                        f"({type(err).__name__}: {err}); once the tracking server answers, `python -m flows.publish` "

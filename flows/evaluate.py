@@ -1,5 +1,8 @@
 """Stage 6: score the teacher and every student on the held-out test split; write the comparison report.
 
+The best student is chosen here on the validation split only (the score its distill run recorded:
+``flexkd.selection``); the test metrics are reported beside it and never used to choose.
+
 Classification: accuracy, macro-F1, MCC. Generation: ROUGE-L (greedy; mean ± std over sampling seeds when
 generation.seeds is set) of generated responses against every reference, plus a sample table of prompt /
 reference / teacher / student outputs logged to MLflow. Writes metrics/evaluation.json (DVC metrics) and
@@ -15,52 +18,6 @@ from prefect import flow
 
 from flows.common import load_params, paths_for, read_json, run_cli, write_json
 
-CLASSIFICATION_COLUMNS = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("MCC", "mcc"))
-GENERATION_COLUMNS = (("ROUGE-L", "rougeL"),)
-
-
-def _columns(evaluation: dict) -> tuple:
-    columns = GENERATION_COLUMNS if evaluation["primary_metric"] == "rougeL" else CLASSIFICATION_COLUMNS
-    extra = [("ROUGE-L std", "rougeL_std"), ("ROUGE-L greedy", "rougeL_greedy")]
-    present = {k for m in evaluation["students"].values() for k in m}
-    return columns + tuple(c for c in extra if c[1] in present and columns is GENERATION_COLUMNS)
-
-
-def best_student(evaluation: dict, order: list[str]) -> str | None:
-    """The key of the best student by the primary metric; ties go to the first in ``order``."""
-    students, primary = evaluation["students"], evaluation["primary_metric"]
-    keys = [k for k in order if k in students]
-    return max(keys, key=lambda k: students[k][primary]) if keys else None
-
-
-def comparison_table(evaluation: dict, order: list[str] | None = None) -> str:
-    """Markdown: one row for the teacher, one per student (set-up and method), the best in bold."""
-    columns = _columns(evaluation)
-    students = evaluation["students"]
-    order = order or list(students)
-    best = best_student(evaluation, order)
-    lines = [
-        f"# {evaluation['task']}: teacher and students on the test split ({evaluation['test_rows']} rows)",
-        "",
-        "| model | student | method | " + " | ".join(name for name, _ in columns) + " | parameters | train time (s) |",
-        "|---|---|---|" + "---:|" * (len(columns) + 2),
-    ]
-
-    def cells(m):
-        values = [f"{m[key]:.4f}" if key in m else "" for _, key in columns]
-        return " | ".join(values) + f" | {m['parameters']:,} | {m.get('train_seconds', 0):.0f} |"
-
-    teacher = evaluation["teacher"]
-    lines.append(f"| teacher | {'fine-tuned' if teacher.get('finetuned') else 'as given'} | - | " + cells(teacher))
-    for key in order:
-        m = students[key]
-        bold = (lambda x: f"**{x}**") if key == best else (lambda x: x)
-        lines.append(f"| {bold('student')} | {bold(m['student'])} ({m.get('init', '')}) | {bold(m['method'])} | " + cells(m))
-    lines += ["", f"Primary metric: {evaluation['primary_metric']}. Best student: {best}."]
-    if evaluation.get("warnings"):
-        lines += [""] + [f"> WARNING: {w}" for w in evaluation["warnings"]]
-    return "\n".join(lines) + "\n"
-
 
 @flow(name="flexkd-evaluate", log_prints=True)
 def evaluate_flow(params: str | None = None) -> dict:
@@ -68,6 +25,8 @@ def evaluate_flow(params: str | None = None) -> dict:
     from flexkd.data.prepare import load_split
     from flexkd.errors import FlexKDError
     from flexkd.models import count_parameters, load_tokenizer
+    from flexkd.selection import (best_by_validation, comparison_table, selection_label, selection_value_text,
+                                  validation_fingerprint)
     from flexkd.tasks import task_for
     from flexkd.train import set_threads
 
@@ -93,11 +52,14 @@ def evaluate_flow(params: str | None = None) -> dict:
         teacher_info = read_json(paths.teacher / "flexkd_teacher.json")
         teacher_timing = read_json(paths.teacher_metrics) if paths.teacher_metrics.exists() else {}
         test_rows = len(load_split(paths.prepared / "test.jsonl"))
+        validation_rows = len(load_split(paths.prepared / "validation.jsonl"))
         if task.is_generation and cfg.generation.eval_max_examples:
             test_rows = min(test_rows, cfg.generation.eval_max_examples)
         evaluation = {
             "task": cfg.data.task, "format": cfg.data.format, "primary_metric": primary, "test_rows": test_rows,
+            "validation_rows": validation_rows,
             "teacher": {**score(paths.teacher, "teacher"), "train_seconds": teacher_timing.get("train_seconds", 0.0),
+                        "validation": teacher_info.get("validation", {}),
                         "finetuned": teacher_info["finetuned"], "spec": teacher_info["spec"]},
             "students": {}, "warnings": [],
         }
@@ -109,6 +71,7 @@ def evaluate_flow(params: str | None = None) -> dict:
                 info = read_json(paths.student(student, method) / "flexkd_student.json")
                 metrics = {**score(paths.student(student, method), key), "student": student, "method": method,
                            "init": info["init"], "train_seconds": info["train_seconds"], "run_id": info["run_id"],
+                           "validation": info["validation"],
                            "model_uri": info["model_uri"]}
                 evaluation["students"][key] = metrics
                 tracking.log_metrics({f"test/{student}/{method}/{k}": metrics[k] for k in metric_keys})
@@ -118,11 +81,12 @@ def evaluate_flow(params: str | None = None) -> dict:
             ft = evaluation["students"].get(f"{student}/ft")
             if ft is None:
                 continue
-            t = evaluation["teacher"][primary]
-            if t <= ft[primary]:
-                message = (f"the teacher ({primary} {t:.4f}) does not beat the ft student of '{student}' "
-                           f"({ft[primary]:.4f}): distilling from it wastes the run; tune the teacher longer "
-                           "(teacher.finetune.*) or pick a stronger one")
+            metric = task.selection_metric  # compared on validation, like every other decision
+            t, f = evaluation["teacher"]["validation"].get(metric), ft["validation"][metric]
+            if t is not None and t <= f:
+                message = (f"the teacher ({selection_label(metric)} {selection_value_text(metric, t)}) does not beat "
+                           f"the ft student of '{student}' ({selection_value_text(metric, f)}): distilling from it wastes "
+                           "the run; tune the teacher longer (teacher.finetune.*) or pick a stronger one")
                 evaluation["warnings"].append(message)
                 banner = "!" * 100
                 print(f"\n{banner}\nWARNING: {message}\n{banner}\n")
@@ -139,6 +103,12 @@ def evaluate_flow(params: str | None = None) -> dict:
                                  n=cfg.generation.sample_rows, formatter_prompt=formatter.prompt)
             tracking.log_text_table(table, "samples/test_samples.json")
 
+        # the choice: validation only (what the distill runs recorded); test is reported, never used to choose
+        metric = task.selection_metric
+        best = best_by_validation(evaluation["students"], order, metric)
+        evaluation["selection"] = {"split": "validation", "metric": metric, "best": best,
+                                   "value": evaluation["students"][best]["validation"][metric],
+                                   "validation_fingerprint": validation_fingerprint(paths.prepared)}
         write_json(paths.evaluation, evaluation)
         paths.comparison.parent.mkdir(parents=True, exist_ok=True)
         paths.comparison.write_text(comparison_table(evaluation, order), encoding="utf-8")

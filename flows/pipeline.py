@@ -146,6 +146,23 @@ def _log_choice(run_id: str, profile: str | None, overrides: Mapping[str, Any] |
     mlflow.MlflowClient().log_batch(run_id, params=params)
 
 
+def describe_run(cfg, *, profile, overrides, commit, dirty, targets) -> str:
+    """The pipeline run's description in the MLflow UI: what was run, on what, from which code."""
+    students = ", ".join(f"{n} ({cfg.student(n).init}, {cfg.student(n).num_layers}x{cfg.student(n).hidden_size})"
+                         for n in cfg.distill.students)
+    lines = [
+        f"flexkd pipeline (`dvc repro`{' ' + ' '.join(targets) if targets else ''}) on the task **{cfg.data.task}** "
+        f"({cfg.data.format}), seed {cfg.project.seed}, profile {profile or 'none (params.yaml as committed)'}.",
+        f"Teacher {cfg.teacher.model}; students {students}; methods {', '.join(cfg.distill.methods)}.",
+        f"Chosen on the validation split by {cfg.evaluate.primary_metric if not cfg.data.is_generation else 'validation NLL'}; "
+        "the test split is reported only.",
+        f"Code: commit {commit[:12] if commit else 'unknown (not a git checkout)'}{' with uncommitted changes' if dirty else ''}.",
+    ]
+    if overrides:
+        lines.append("Overrides: " + ", ".join(f"`{k}={json.dumps(v, default=str)}`" for k, v in overrides.items()) + ".")
+    return "\n\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- the flow
 @flow(name="flexkd-pipeline", log_prints=True)
 def pipeline_flow(
@@ -171,16 +188,23 @@ def pipeline_flow(
     paths = paths_for(cfg)
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
-    parent = tracking.start_pipeline_run(paths.root, cfg.project.experiment)
+    commit, dirty = tracking.git_state(paths.root)
+    name = tracking.pipeline_run_name(task=cfg.data.task, seed=cfg.project.seed, profile=profile, commit=commit, dirty=dirty)
+    parent = tracking.start_pipeline_run(paths.root, cfg.project.experiment, name, description=describe_run(
+        cfg, profile=profile, overrides=overrides, commit=commit, dirty=dirty, targets=targets))
     _log_choice(parent, profile, overrides)
-    env = dict(os.environ, FLEXKD_PIPELINE_RUN_ID=parent, FLEXKD_PROJECT_ROOT=str(paths.root))
+    # the stages run with this interpreter (flows/stage.sh), whichever `python` is first on PATH
+    env = dict(os.environ, FLEXKD_PIPELINE_RUN_ID=parent, FLEXKD_PROJECT_ROOT=str(paths.root), FLEXKD_PYTHON=sys.executable)
     api = _prefect_api_for_children()
     if api:
         env["PREFECT_API_URL"] = api
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     print("running:", " ".join(command[2:]))
     setup_seconds, began = resources.process_age(), time.perf_counter()
-    completed = subprocess.run(command, cwd=paths.root, env=env)
+    from flows.server import die_with_parent
+
+    # `dvc repro` (and through it each stage) stops when this process is killed, instead of running on orphaned
+    completed = subprocess.run(command, cwd=paths.root, env=env, preexec_fn=die_with_parent)
     # for the overhead split: this process up to `dvc repro` (interpreter, imports, the temporary Prefect server,
     # pre-flight, MLflow set-up), and `dvc repro` itself (the stage processes plus DVC's own work between them)
     tracking.log_metrics({"resources/pipeline_setup_seconds": setup_seconds,

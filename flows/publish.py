@@ -41,13 +41,13 @@ def log_student(cfg, paths, task, student: str, method: str, info: dict, directo
         with mlflow.start_run(run_id=run_id):
             tracking.log_metrics(best)
             tracking.set_tags(tags)
-            return {"model_uri": task.log_model(tracking, directory, paths.prepared)}
+            return {"model_uri": task.log_model(tracking, directory, paths.prepared, name=f"{student}-{method}")}
     with tracking.stage_run("publish", project_root=paths.root, experiment=cfg.project.experiment,
                             params={"student_name": student, "method": method, "original_run_id": run_id},
                             tags={"flexkd.method": method, "flexkd.student": student, **tags},
                             run_name=f"publish-{student}-{method}") as new:
         tracking.log_metrics(best)
-        uri = task.log_model(tracking, directory, paths.prepared)
+        uri = task.log_model(tracking, directory, paths.prepared, name=f"{student}-{method}")
     return {"model_uri": uri, "run_id": new.info.run_id, "original_run_id": run_id}
 
 

@@ -370,6 +370,15 @@ def _parent_gone(parent: int) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """Ask the kernel (Linux) to send this process SIGTERM when its parent dies, so that a stage whose ``dvc repro``
+    or pipeline was killed stops too (and its temporary Prefect server with it) instead of running on orphaned.
+
+    Called by every stage entry point (``run_cli``), and as ``preexec_fn`` for the ``dvc repro`` the pipeline flow
+    starts. A no-op elsewhere."""
+    _set_parent_death_signal(signal.SIGTERM)
+
+
 def _set_parent_death_signal(signum: int) -> None:
     if not sys.platform.startswith("linux"):
         return

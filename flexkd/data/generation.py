@@ -220,13 +220,14 @@ def load_generation_hub(
     task: Literal["instruction", "summarization"],
     split: str,
     config: str | None = None,
+    revision: str | None = None,
 ) -> pd.DataFrame:
     """One split of a Hugging Face Hub dataset (network or local HF cache) in the ``load_generation_table`` shape;
     ``source_file`` is ``hf://<dataset_id>/<split>`` and ``source_row`` the 1-based row. DataError when offline."""
     task = _check_task(task)
     column_map = ColumnMap(text=columns.prompt, label=columns.response, text_pair=columns.input)
     try:
-        raw = _sources.load_hub(dataset_id, columns=column_map, split=split, config=config)
+        raw = _sources.load_hub(dataset_id, columns=column_map, split=split, config=config, revision=revision)
     except DataError as err:
         raise _renamed(err, {"text": "prompt", "label": "response", "text_pair": "input"}) from err.__cause__
     source = f"hf://{dataset_id}/{split}"

@@ -248,13 +248,14 @@ def load_table(
     return _load_json(path, text, columns, fmt)
 
 
-def load_hub(dataset_id: str, *, columns: ColumnMap, split: str, config: str | None = None) -> pd.DataFrame:
+def load_hub(dataset_id: str, *, columns: ColumnMap, split: str, config: str | None = None,
+             revision: str | None = None) -> pd.DataFrame:
     """Load one split of a Hugging Face Hub dataset (needs network, or the local HF cache) into the same shape
     as ``load_table``; ``source_file`` is ``hf://<dataset_id>/<split>`` and ``source_row`` the 1-based row."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(dataset_id, config, split=split)
+        dataset = datasets.load_dataset(dataset_id, config, split=split, revision=revision)
     except Exception as err:  # noqa: BLE001 - every failure becomes one readable DataError
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or os.environ.get(
             "HF_DATASETS_OFFLINE", ""

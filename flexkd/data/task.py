@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -9,11 +10,114 @@ import pandas as pd
 from flexkd.config import DataConfig, ValidationConfig
 from flexkd.data.sources import ColumnMap, load_hub, load_table, resolve_data_dir
 from flexkd.data.validation import ValidationSettings
+from flexkd.errors import DataError
 from flexkd.provenance import sha256_file
 
 
 def column_map(data: DataConfig) -> ColumnMap:
     return ColumnMap(text=data.columns.text, label=data.columns.label, text_pair=data.columns.text_pair)
+
+
+_RESOLVED: dict[str, DataConfig] = {}
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def local_problem(data: DataConfig) -> str | None:
+    """None when the local files are there; else what is missing, in words."""
+    try:
+        root = resolve_data_dir(data.data_dir)
+    except DataError as err:
+        return str(err)
+    for key in ("train_file", "test_file"):
+        name = getattr(data, key)
+        if name and not (root / name).is_file():
+            return f"data.{key} {root / name} does not exist"
+    return None
+
+
+def neither_source_error(data: DataConfig, local: str | None, hub: str | None) -> DataError:
+    """The one error for a run that can reach neither the local files nor the Hub dataset: both places, and how to
+    point at a local copy."""
+    files = " and ".join(f for f in (data.train_file, data.test_file) if f) or "the data files"
+    places = [f"the local files ({local})" if data.train_file else "no local files (data.train_file is not set)"]
+    places.append(f"the Hugging Face Hub dataset {data.hub_id!r} ({hub})" if data.hub_id else
+                  "no Hub dataset (data.hub_id is not set)")
+    return DataError(
+        f"no data for the task {data.task!r}: neither source can be reached: {places[0]}; {places[1]}. To use a local "
+        f"copy, put {files} under a folder and set the param data.data_dir (or the env var FLEXKD_DATA_DIR) to it"
+        + (f"; or give this machine network access to the Hub ({_hub_endpoint()}), without HF_HUB_OFFLINE set"
+           if data.hub_id else "") + "."
+    )
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_problem(hub_id: str, timeout_s: float = 5.0) -> str | None:
+    """None when the Hub answers for ``hub_id`` within ``timeout_s``; else why not, in words.
+
+    One request, no retries: the ``datasets`` library retries an unreachable Hub for half a minute before it
+    fails, and a run with no network should stop in seconds."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{_hub_endpoint()}/api/datasets/{hub_id}"
+    request = urllib.request.Request(url, method="GET", headers={"User-Agent": "flexkd"})
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return f"{url} answered {err.code}: a gated or private dataset; set HF_TOKEN"
+        if err.code == 404:
+            return f"{url} answered 404: no such dataset on the Hub (check data.hub_id)"
+        return f"{url} answered {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return f"{url} is unreachable: {reason}"
+
+
+def resolve_source(data: DataConfig) -> DataConfig:
+    """``data`` with ``source`` decided (``local`` or ``hub``) and, for the Hub, ``columns`` = ``hub_columns``.
+
+    ``auto`` with the param ``data.data_dir`` set means the files there. Otherwise it takes the local files when
+    they are all there (``FLEXKD_DATA_DIR``, else ``../shared/datasets``), else the Hub dataset when ``hub_id`` is
+    set and the Hub answers (or offline mode is on: then the local HF cache decides); otherwise one DataError
+    names both places.
+    The choice is made once per process and data config, so that every stage step sees the same source."""
+    key = "\0".join([data.model_dump_json(), os.getcwd(), *(os.environ.get(k, "") for k in (
+        "FLEXKD_DATA_DIR", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))])
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    source = data.source
+    if source == "auto" and data.data_dir and data.train_file:
+        source = "local"  # the param names a place: its files are meant, and a missing one is named, not replaced
+    if source == "auto":
+        local = local_problem(data) if data.train_file else "data.train_file is not set"
+        if local is None:
+            source = "local"
+        elif not data.hub_id:
+            raise neither_source_error(data, local, None)
+        else:
+            hub = None if _offline() else hub_problem(data.hub_id)
+            if hub is not None:
+                raise neither_source_error(data, local, hub)
+            source = "hub"
+            print(f"data: the local files are not here ({local}); using the Hub dataset {data.hub_id}")
+    update: dict = {"source": source}
+    if source == "hub" and data.hub_columns is not None:
+        update["columns"] = data.hub_columns
+    resolved = data.model_copy(update=update)
+    _RESOLVED[key] = resolved
+    return resolved
 
 
 def source_files(data: DataConfig) -> dict[str, Path]:
@@ -53,12 +157,18 @@ def hold_out_test(splits: dict[str, pd.DataFrame], data: DataConfig, seed: int, 
 
 def load_raw_splits(data: DataConfig) -> dict[str, pd.DataFrame]:
     """``{"train": df, "test": df}`` with columns text, label[, text_pair], source_file, source_row."""
+    chosen_by_auto = data.source == "auto"
+    data = resolve_source(data)
     columns = column_map(data)
     if data.source == "hub":
-        splits = {"train": load_hub(data.hub_id, columns=columns, split=data.hub_train_split, config=data.hub_config)}
-        if not data.test_size:
-            splits["test"] = load_hub(data.hub_id, columns=columns, split=data.hub_test_split, config=data.hub_config)
-        return splits
+        names = {"train": data.hub_train_split, **({} if data.test_size else {"test": data.hub_test_split})}
+        try:
+            return {split: load_hub(data.hub_id, columns=columns, split=name, config=data.hub_config,
+                                    revision=data.hub_revision) for split, name in names.items()}
+        except DataError as err:
+            if chosen_by_auto:
+                raise neither_source_error(data, local_problem(data) if data.train_file else None, str(err)) from err
+            raise
     splits = {
         split: load_table(path, columns=columns, fmt=data.file_format, header=data.header)
         for split, path in source_files(data).items()
@@ -68,11 +178,14 @@ def load_raw_splits(data: DataConfig) -> dict[str, pd.DataFrame]:
 
 def describe_sources(data: DataConfig, splits: dict[str, pd.DataFrame]) -> dict:
     """What the raw data was: file, sha256 and rows per split (hub: dataset id and split)."""
+    data = resolve_source(data)
     out: dict = {"test_size": data.test_size} if data.test_size else {}
+    out["source"] = data.source
     if data.source == "hub":
         for split, name in (("train", data.hub_train_split), ("test", data.hub_test_split)):
             held_out = split == "test" and data.test_size
-            out[split] = {"hub_id": data.hub_id, "config": data.hub_config, "rows": len(splits[split]),
+            out[split] = {"hub_id": data.hub_id, "config": data.hub_config, "revision": data.hub_revision,
+                          "rows": len(splits[split]),
                           "split": f"{data.hub_train_split} (held out)" if held_out else name}
         return out
     for split, path in source_files(data).items():

@@ -49,7 +49,12 @@ def test_generation_profile_end_to_end(profile, tmp_path, data_dir):
     for scores in [evaluation["teacher"], *evaluation["students"].values()]:
         assert 0.0 <= scores["rougeL"] <= 100.0
     table = (root / "reports/comparison.md").read_text()
-    assert "ROUGE-L" in table and all((f"{n} (prune)" if n == "pruned" else f"{n} (random)") in table for n in students)
+    assert "test ROUGE-L" in table and "validation NLL" in table
+    assert all(f"{n}: {'pruned from the teacher' if n == 'pruned' else 'random init'}" in table for n in students)
+    # the choice is the lowest validation NLL the distill runs recorded, whatever the test ROUGE-L says
+    chosen = evaluation["selection"]
+    losses = {k: v["validation"]["loss"] for k, v in evaluation["students"].items()}
+    assert chosen["split"] == "validation" and chosen["metric"] == "neg_loss" and chosen["best"] == min(losses, key=losses.get)
 
     for student in students:
         for method in methods:
@@ -67,13 +72,14 @@ def test_generation_profile_end_to_end(profile, tmp_path, data_dir):
         assert student.config.hidden_size == 16
 
     registry = json.loads((root / "reports/registry.json").read_text())
-    assert registry["alias"] == "champion" and registry["name"] == f"flexkd-{task}"
+    assert registry["alias"] == "champion" and registry["name"] == f"flexkd-{task}" and registry["best"] == chosen["best"]
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(f"flexkd-{task}", "champion")
     assert "ROUGE-L" in version.description and "AutoModelForCausalLM" in version.description
+    assert version.tags["selection_split"] == "validation" and version.tags["selection_metric"] == "neg_loss"
     runs = client.search_runs([client.get_experiment_by_name(params["project"]["experiment"]).experiment_id])
     evaluate = [r for r in runs if r.data.tags.get("flexkd.stage") == "evaluate"][0]
     artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")}

@@ -283,3 +283,40 @@ def test_a_server_that_does_not_come_up_is_named_and_stopped(monkeypatch, tmp_pa
         prefect.context.refresh_global_settings_context()
     assert server._server is None and "PREFECT_API_URL" not in os.environ
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid not in before and alive(p)]
+
+
+PIPELINE = textwrap.dedent('''
+    import subprocess, sys
+
+    from flows.server import die_with_parent
+
+    # what flows.pipeline does with `dvc repro` (here a stand-in that, like dvc, just runs the stage and waits)
+    dvc = "import subprocess, sys; subprocess.run([sys.executable, sys.argv[1]])"
+    child = subprocess.Popen([sys.executable, "-c", dvc, sys.argv[1]], preexec_fn=die_with_parent)
+    print(f"CHILD {child.pid}", flush=True)
+    child.wait()
+''')
+
+
+def test_a_sigkilled_pipeline_takes_its_stage_and_server_down(stage, tmp_path):
+    """The pipeline flow starts `dvc repro` with die_with_parent, and every stage asks for the same at start:
+    killing the pipeline stops the stage under it, and the stage's server with it."""
+    script, home, env = stage
+    parent = tmp_path / "pipeline.py"
+    parent.write_text(PIPELINE)
+    process = subprocess.Popen([sys.executable, str(parent), str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**env, "SLEEPY_SECONDS": "300"})
+    try:
+        child = int(process.stdout.readline().split()[1])
+        assert eventually(lambda: len(servers(home)) == 1, START_SECONDS), "the stage's server never came up"
+        dvc = psutil.Process(child)
+        descendants = [dvc] + dvc.children(recursive=True)
+        assert len(descendants) == 3, descendants  # the dvc stand-in, the stage, its server
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        assert eventually(lambda: not any(alive(p) for p in descendants)), \
+            [(p.pid, p.cmdline()) for p in descendants if alive(p)]
+        assert eventually(lambda: not servers(home))
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -61,8 +61,8 @@ def test_every_stage_writes_its_outputs(project):
     assert set(evaluation["students"]) == {f"{s}/{m}" for s in STUDENTS for m in METHODS}
     assert evaluation["test_rows"] == 80
     table = (root / "reports/comparison.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith(("| student |", "| **student** |"))]
-    assert len(rows) == 10
+    rows = [line for line in table.splitlines() if line.startswith(("| student |", "| **student** (chosen) |"))]
+    assert len(rows) == 10 and sum("(chosen)" in row for row in rows) == 1
     for method in METHODS:
         assert f"| {method} |" in table or f"| **{method}** |" in table
     assert "| teacher |" in table and "MCC" in table and "parameters" in table
@@ -104,6 +104,14 @@ def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
     assert flexkd_run.data.tags.get("flexkd.git_commit")
     pipeline = [r for r in runs if r.data.tags.get("flexkd.kind") == "pipeline"]
     assert len(pipeline) == 1 and pipeline[0].info.run_id in parents and pipeline[0].info.status == "FINISHED"
+    # what a newcomer sees in the UI: the model-training view, runs told apart by name, described, models named
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    commit = pipeline[0].data.tags["flexkd.git_commit"]
+    assert pipeline[0].info.run_name.startswith(f"pipeline-sst2-seed42-{commit[:7]}")
+    note = pipeline[0].data.tags["mlflow.note.content"]
+    assert "task **sst2**" in note and "seed 42" in note and commit[:12] in note and "validation split" in note
+    names = {m.name for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])}
+    assert {f"{s}-{m}" for s in STUDENTS for m in METHODS} <= names and "model" not in names
     prepare = stages["prepare"]
     assert {d.dataset.name for d in prepare.inputs.dataset_inputs} >= {"sst2-train", "sst2-test"}
     relevance_artifacts = {a.path for a in client.list_artifacts(stages["relevance"].info.run_id, "relevance")}
@@ -114,16 +122,47 @@ def test_best_student_registered_as_champion_with_model_card(project):
     root, _ = project
     client = mlflow_client(root)
     registry = json.loads((root / "reports/registry.json").read_text())
+    evaluation = json.loads((root / "metrics/evaluation.json").read_text())
+    # chosen on validation: the best validation accuracy the distill runs recorded (ties: the first in params order)
+    order = [f"{s}/{m}" for s in STUDENTS for m in METHODS]
+    validation = {k: json.loads((root / f"metrics/distill/{k}.json").read_text())["validation"]["accuracy"] for k in order}
+    expected = max(order, key=lambda k: validation[k])
+    assert evaluation["selection"]["best"] == expected == registry["best"]
     version = client.get_model_version_by_alias("flexkd-sst2", "champion")
     assert str(version.version) == str(registry["version"]) and registry["alias"] == "champion"
+    assert version.tags["selection_split"] == "validation" and version.tags["selection_metric"] == "accuracy"
+    assert float(version.tags["selection_value"]) == validation[expected] and version.tags["selected_student"] == expected
+    assert float(version.tags["test_accuracy"]) == evaluation["students"][expected]["accuracy"]
     assert "# " in version.description and registry["best_method"] in version.description
-    assert registry["best"] == f"{registry['best_student']}/{registry['best_method']}"
+    assert "- **validation split**: accuracy" in version.description and "- **test split**: accuracy" in version.description
     import mlflow.pyfunc
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/flexkd-sst2@champion")
     out = model.predict(pd.DataFrame({"text": ["a gorgeous , witty film", "dull and lifeless"]}))
     assert set(out["label"].astype(str)) <= {"0", "1"} and len(out) == 2
+
+
+def test_test_scores_never_choose_the_registered_student(project):
+    """Validation and test disagree (the test scores are rewritten so that another student is best on test): the
+    register stage still registers the validation pick, and as challenger (it does not beat itself)."""
+    root, _ = project
+    path = root / "metrics/evaluation.json"
+    original = path.read_text()
+    evaluation = json.loads(original)
+    pick = evaluation["selection"]["best"]
+    other = next(k for k in evaluation["students"] if k != pick)
+    evaluation["students"][other]["accuracy"] = 1.0
+    evaluation["students"][pick]["accuracy"] = 0.0
+    path.write_text(json.dumps(evaluation))
+    try:
+        run([sys.executable, "-m", "flows.register"], root)
+        registry = json.loads((root / "reports/registry.json").read_text())
+    finally:
+        path.write_text(original)
+        run([sys.executable, "-m", "dvc", "commit", "-f", "register"], root)
+    assert registry["best"] == pick and registry["alias"] == "challenger"
+    assert "does not beat the champion" in registry["reason"] and "same validation data" in registry["reason"]
 
 
 def test_second_repro_reruns_only_the_gate(project):

@@ -228,7 +228,8 @@ def test_mlflow_ui_shows_the_registered_student_alias_and_metrics(deployed):
     method = version.tags["method"]
     accuracy = run.data.metrics["test/accuracy"]
     out = artifacts_dir()
-    shots = ["mlflow-model-version.png", "mlflow-model-version-metrics.png", "mlflow-student-run.png"]
+    shots = ["mlflow-model-version.png", "mlflow-model-version-metrics.png", "mlflow-student-run.png",
+             "mlflow-experiment.png"]
     for name in shots:
         (out / name).unlink(missing_ok=True)
     with sync_playwright() as playwright:
@@ -240,6 +241,8 @@ def test_mlflow_ui_shows_the_registered_student_alias_and_metrics(deployed):
             text = _wait_for_text(page, [MODEL, f"Version {version.version}", "champion", "Student", "pruned",
                                          "Metrics", "accuracy"])
             assert f"`{method}` method" in text or f"{method} method" in text, text[:2000]
+            # the card's metrics render as lines that name their split (a Markdown table was flattened here)
+            assert "validation split: accuracy" in text and "test split: accuracy" in text, text[:3000]
             _close_assistant(page)
             page.screenshot(path=str(out / shots[0]))
             _show(page, page.get_by_role("heading", name="Metrics"))
@@ -250,6 +253,12 @@ def test_mlflow_ui_shows_the_registered_student_alias_and_metrics(deployed):
             _close_assistant(page)
             _show(page, page.get_by_text("test/accuracy", exact=True))
             page.screenshot(path=str(out / shots[2]))
+            # the experiment opens in the model-training view (runs and their metrics), not MLflow's GenAI view
+            page.goto(f"{ui}/#/experiments/{run.info.experiment_id}", wait_until="domcontentloaded")
+            text = _wait_for_text(page, ["pipeline-", "distill-pruned-flexkd"])
+            assert "Evaluation runs" not in text, text[:2000]
+            _close_assistant(page)
+            page.screenshot(path=str(out / shots[3]))
         finally:
             browser.close()
     for name in shots:

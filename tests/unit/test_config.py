@@ -60,13 +60,25 @@ def test_unknown_key_is_named(raw):
 
 def test_local_source_needs_files(raw):
     del raw["data"]["train_file"]
+    raw["data"]["source"] = "local"
     with pytest.raises(ConfigError, match="data.train_file is required"):
+        parse_config(raw)
+    raw["data"]["source"] = "auto"
+    del raw["data"]["hub_id"]
+    with pytest.raises(ConfigError, match="needs data.train_file .* or data.hub_id"):
         parse_config(raw)
 
 
 def test_hub_source_needs_id(raw):
     raw["data"]["source"] = "hub"
+    del raw["data"]["hub_id"]
     with pytest.raises(ConfigError, match="data.hub_id is required"):
+        parse_config(raw)
+
+
+def test_hub_columns_need_the_format_s_columns(raw):
+    raw["data"]["hub_columns"] = {"text": "sentence"}
+    with pytest.raises(ConfigError, match="data.hub_columns.label is required"):
         parse_config(raw)
 
 

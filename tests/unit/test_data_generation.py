@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -40,12 +39,9 @@ CHAT_TEMPLATE = (
 
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def real_dir() -> Path:
-    configured = os.environ.get("FLEXKD_DATA_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "datasets"
-    if not path.is_dir():
-        pytest.skip("real datasets not found (set FLEXKD_DATA_DIR)")
-    return path
+def real_dir(data_dir) -> Path:
+    """Real rows of Alpaca, SciTLDR and SAMSum: the fixtures shipped under tests/fixtures/datasets."""
+    return data_dir
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +101,7 @@ def test_scitldr_sentences_joined_and_several_references(real_dir, scitldr):
 
 def test_samsum_real_file(real_dir):
     frame = load_generation_table(real_dir / "samsum" / "test.jsonl", columns=SAMSUM, task="summarization")
-    assert len(frame) == 819
+    assert len(frame) == 60  # the first 60 of 819 (tests/fixtures/datasets)
     assert frame.iloc[0]["prompt"].startswith("Hannah: Hey, do you have Betty's number?")
     assert frame.iloc[0]["references"] == [frame.iloc[0]["response"]]
 

@@ -148,13 +148,7 @@ def test_load_errors_name_the_file(tmp_path):
         split_fingerprint(tmp_path)
 
 
-def test_real_sst2_sample(tmp_path):
-    import os
-
-    configured = os.environ.get("FLEXKD_DATA_DIR")
-    data_dir = Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "datasets"
-    if not data_dir.is_dir():
-        pytest.skip("real datasets not found (set FLEXKD_DATA_DIR)")
+def test_real_sst2_sample(tmp_path, data_dir):
     columns = ColumnMap("sentence", "label")
     train = load_table(data_dir / "glue" / "SST-2" / "train.tsv", columns=columns).head(600)
     test = load_table(data_dir / "glue" / "SST-2" / "dev.tsv", columns=columns)

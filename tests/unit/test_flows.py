@@ -1,4 +1,4 @@
-"""The flows' own logic: paths agree with dvc.yaml, the teacher-quality gate, the comparison table."""
+"""The flows' own logic: paths agree with dvc.yaml, the teacher-quality gate, selection on validation, the table."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from flexkd.config import load_config
 from flexkd.errors import FlexKDError
 from flows.common import paths_for, write_json
 from flows.distill import check_teacher_beats_ft
-from flows.evaluate import best_student, comparison_table
+from flexkd.selection import best_by_validation, comparison_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +52,16 @@ def gate(tmp_path):
     return cfg, paths
 
 
-def test_weak_teacher_warns_before_distilling(gate, capsys):
+def test_weak_teacher_warns_before_distilling(gate, capsys, recwarn):
     cfg, paths = gate
     with pytest.warns(UserWarning, match="does not beat the ft student"):
         check_teacher_beats_ft(cfg, paths, "random", "flexkd")
-    assert "WARNING" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "0.7000" in out and "0.7500" in out
+    recwarn.clear()
     check_teacher_beats_ft(cfg, paths, "random", "ft")  # ft itself is never gated
     check_teacher_beats_ft(cfg, paths, "pruned", "kd")  # another student set-up: its own ft has not run
+    assert len(recwarn) == 0 and "WARNING" not in capsys.readouterr().out
 
 
 def test_weak_teacher_stops_when_asked(gate):
@@ -68,39 +71,65 @@ def test_weak_teacher_stops_when_asked(gate):
         check_teacher_beats_ft(cfg, paths, "random", "kd")
 
 
-def test_strong_teacher_passes(gate):
+def test_strong_teacher_passes(gate, capsys, recwarn):
     cfg, paths = gate
     write_json(paths.teacher / "flexkd_teacher.json", {"validation": {"accuracy": 0.9}})
     check_teacher_beats_ft(cfg, paths, "random", "flexkd")
+    assert len(recwarn) == 0 and "WARNING" not in capsys.readouterr().out
 
 
-def test_comparison_table_lists_teacher_and_each_method():
+def _evaluation():
     row = {"accuracy": 0.8, "macro_f1": 0.79, "mcc": 0.6, "parameters": 1000, "train_seconds": 12.0}
-    evaluation = {
-        "task": "sst2", "primary_metric": "accuracy", "test_rows": 10, "warnings": ["weak teacher"],
-        "teacher": {**row, "accuracy": 0.9, "finetuned": True},
+    return {
+        "task": "sst2", "primary_metric": "accuracy", "test_rows": 10, "validation_rows": 20, "warnings": ["weak teacher"],
+        "teacher": {**row, "accuracy": 0.9, "finetuned": True, "validation": {"accuracy": 0.88}},
         "students": {
-            "random/ft": {**row, "student": "random", "method": "ft", "init": "random"},
-            "pruned/flexkd": {**row, "accuracy": 0.85, "student": "pruned", "method": "flexkd", "init": "prune"},
-            "pruned/kd": {**row, "accuracy": 0.85, "student": "pruned", "method": "kd", "init": "prune"},
+            # validation and test disagree: pruned/kd is best on test, pruned/flexkd on validation
+            "random/ft": {**row, "student": "random", "method": "ft", "init": "random", "validation": {"accuracy": 0.70}},
+            "pruned/flexkd": {**row, "accuracy": 0.81, "student": "pruned", "method": "flexkd", "init": "prune",
+                              "validation": {"accuracy": 0.86}},
+            "pruned/kd": {**row, "accuracy": 0.85, "student": "pruned", "method": "kd", "init": "prune",
+                          "validation": {"accuracy": 0.84}},
         },
     }
+
+
+def test_the_best_student_is_chosen_on_validation_not_test():
+    evaluation = _evaluation()
+    order = ["random/ft", "pruned/flexkd", "pruned/kd"]
+    assert best_by_validation(evaluation["students"], order, "accuracy") == "pruned/flexkd"
+    evaluation["students"]["pruned/kd"]["validation"]["accuracy"] = 0.86  # a tie: the first in params order
+    assert best_by_validation(evaluation["students"], order, "accuracy") == "pruned/flexkd"
+    assert best_by_validation(evaluation["students"], ["pruned/kd", "pruned/flexkd"], "accuracy") == "pruned/kd"
+    del evaluation["students"]["random/ft"]["validation"]
+    with pytest.raises(FlexKDError, match=r"random/ft.*no validation 'accuracy'"):
+        best_by_validation(evaluation["students"], order, "accuracy")
+
+
+def test_comparison_table_shows_validation_beside_test_and_marks_the_pick():
+    evaluation = _evaluation()
+    evaluation["selection"] = {"split": "validation", "metric": "accuracy", "best": "pruned/flexkd"}
     table = comparison_table(evaluation, ["random/ft", "pruned/flexkd", "pruned/kd"])
-    assert "| teacher | fine-tuned | - | 0.9000 |" in table
-    assert "| student | random (random) | ft | 0.8000 | 0.7900 | 0.6000 | 1,000 | 12 |" in table
-    assert "| **student** | **pruned** (prune) | **flexkd** | 0.8500 |" in table  # tie: first in order wins
-    assert "| student | pruned (prune) | kd | 0.8500 |" in table
+    assert "validation split (20 rows)" in table and "test split (10 rows) reported only" in table
+    assert "| model | student | method | validation accuracy | test accuracy | test macro-F1 | test MCC |" in table
+    assert "| teacher | fine-tuned | - | 0.8800 | 0.9000 |" in table
+    assert "| student | random: random init | ft | 0.7000 | 0.8000 | 0.7900 | 0.6000 | 1,000 | 12 |" in table
+    assert "| **student** (chosen) | **pruned**: pruned from the teacher | **flexkd** | 0.8600 | 0.8100 |" in table
+    assert "| student | pruned: pruned from the teacher | kd | 0.8400 | 0.8500 |" in table
+    assert "Chosen on validation: pruned/flexkd." in table
     assert "WARNING: weak teacher" in table
-    assert best_student(evaluation, ["pruned/kd", "pruned/flexkd"]) == "pruned/kd"
 
 
-def test_generation_table_reports_rouge():
+def test_generation_table_reports_rouge_and_selects_by_validation_nll():
     evaluation = {
-        "task": "alpaca", "primary_metric": "rougeL", "test_rows": 5,
-        "teacher": {"rougeL": 30.0, "parameters": 10, "finetuned": False},
+        "task": "alpaca", "primary_metric": "rougeL", "test_rows": 5, "validation_rows": 4,
+        "selection": {"split": "validation", "metric": "neg_loss", "best": "pruned/kd"},
+        "teacher": {"rougeL": 30.0, "parameters": 10, "finetuned": False, "validation": {"loss": 1.5, "neg_loss": -1.5}},
         "students": {"pruned/kd": {"rougeL": 20.5, "rougeL_std": 0.5, "parameters": 5, "student": "pruned",
-                                   "method": "kd", "init": "prune", "train_seconds": 3}},
+                                   "method": "kd", "init": "prune", "train_seconds": 3,
+                                   "validation": {"loss": 2.25, "neg_loss": -2.25}}},
     }
     table = comparison_table(evaluation)
-    assert "ROUGE-L" in table and "ROUGE-L std" in table and "accuracy" not in table
-    assert "| teacher | as given | - | 30.0000 |" in table
+    assert "validation NLL | test ROUGE-L | test ROUGE-L std |" in table and "accuracy" not in table
+    assert "| teacher | as given | - | 1.5000 | 30.0000 |" in table
+    assert "| **pruned**: pruned from the teacher | **kd** | 2.2500 | 20.5000 | 0.5000 |" in table

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from flexkd import tracking
+from flexkd.selection import Selection
 from flexkd.errors import FlexKDError
 
 EXPERIMENT = "flexkd-test"
@@ -213,18 +214,26 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_registry_aliases(store, tiny_
         student={"architecture": "BertForSequenceClassification", "num_parameters": 12345},
         data={"files": ["train.jsonl"], "rows": 2, "fingerprint": "f00d"},
         method="flexkd",
-        metrics={"accuracy": 0.8},
+        metrics={"validation": {"accuracy": 0.82, "macro_f1": 0.81}, "test": {"accuracy": 0.8, "mcc": 0.6}},
+        selection_note="Chosen on the validation split by validation accuracy.",
         selected_units=[0, 1, 2, 5, 7, 8],
         relevance={"path": "data/relevance/x.json"},
         loss_weights={"task": 1.0, "feature": 0.5},
     )
     assert "models:/flexkd-sst2@champion" in card and "0-2, 5, 7-8" in card and "12,345" in card
     assert "- **Model**: bert-base" in card and "accuracy=0.9100" in card and "task=1.0000, feature=0.5000" in card
+    # every metric line names its split, and nothing is a table the registry's renderer would flatten
+    assert "- **validation split**: accuracy 0.8200, macro-F1 0.8100" in card
+    assert "- **test split**: accuracy 0.8000, MCC 0.6000" in card
+    assert "Chosen on the validation split by validation accuracy." in card and "| metric |" not in card
 
-    def register(value):
+    fingerprint = "a" * 64
+
+    def register(value, metric="accuracy", fp=fingerprint):
         return tracking.register_student(
-            "sst2", model_uri=uri, run_id=run_id, metric_name="accuracy", metric_value=value,
-            model_card_md=card, tags={"method": "flexkd"},
+            "sst2", model_uri=uri, run_id=run_id, model_card_md=card, tags={"method": "flexkd"},
+            selection=Selection(key="random/flexkd", metric=metric, value=value, validation_fingerprint=fp),
+            test_metrics={"accuracy": 0.5},
         )
 
     client = _client()
@@ -232,16 +241,25 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_registry_aliases(store, tiny_
     assert first["name"] == "flexkd-sst2"
     assert (first["alias"], first["previous_champion"]) == ("champion", None)
     worse = register(0.7)
-    assert (worse["alias"], worse["previous_champion"], worse["previous_metric"]) == ("challenger", "1", 0.8)
+    assert (worse["alias"], worse["previous_champion"], worse["previous_value"]) == ("challenger", "1", 0.8)
+    assert "does not beat the champion (version 1) on the same validation data" in worse["reason"]
     assert str(client.get_model_version_by_alias("flexkd-sst2", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("flexkd-sst2", "challenger").version) == worse["version"]
     better = register(0.9)
-    assert better["alias"] == "champion"
+    assert better["alias"] == "champion" and "beats the champion (version 1)" in better["reason"]
     champion = client.get_model_version_by_alias("flexkd-sst2", "champion")
     assert str(champion.version) == better["version"] == "3"
     assert champion.description == card
-    assert champion.tags["metric_name"] == "accuracy" and float(champion.tags["metric_value"]) == 0.9
-    assert champion.tags["method"] == "flexkd"
+    assert champion.tags["selection_split"] == "validation" and champion.tags["selection_metric"] == "accuracy"
+    assert float(champion.tags["selection_value"]) == 0.9 and champion.tags["validation_fingerprint"] == fingerprint
+    assert float(champion.tags["test_accuracy"]) == 0.5 and champion.tags["method"] == "flexkd"
+    assert champion.tags["selected_student"] == "random/flexkd" and "beats" in champion.tags["alias_reason"]
+    # a higher score on other validation data, or by another metric, says nothing: challenger, with the reason
+    other_data = register(0.99, fp="b" * 64)
+    assert other_data["alias"] == "challenger" and "other validation data" in other_data["reason"]
+    other_metric = register(0.99, metric="mcc")
+    assert other_metric["alias"] == "challenger" and "chosen by accuracy, this one by mcc" in other_metric["reason"]
+    assert str(client.get_model_version_by_alias("flexkd-sst2", "champion").version) == "3"
     assert "model_card.md" in [f.path for f in client.list_artifacts(run_id)]
     tracking.log_metrics_to_run(run_id, {"test/accuracy": 0.5})  # into the finished distill run
     assert client.get_run(run_id).data.metrics["test/accuracy"] == 0.5
@@ -253,21 +271,27 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_registry_aliases(store, tiny_
     assert set(model.predict(pd.DataFrame({"text": ["great"]}))["label"]) <= set(label_map)
 
     # a metric where lower is better (a loss), registered under another task
-    kwargs = dict(model_uri=uri, run_id=run_id, metric_name="loss", model_card_md="# card", higher_is_better=False)
-    assert tracking.register_student("t", metric_value=0.5, **kwargs)["alias"] == "champion"
-    assert tracking.register_student("t", metric_value=0.6, **kwargs)["alias"] == "challenger"
-    assert tracking.register_student("t", metric_value=0.4, **kwargs)["alias"] == "champion"
-    assert tracking.register_student("t", metric_value=0.4, **kwargs)["alias"] == "challenger"  # a tie keeps it
+    def loss(value):
+        return tracking.register_student(
+            "t", model_uri=uri, run_id=run_id, model_card_md="# card", higher_is_better=False,
+            selection=Selection(key="s/m", metric="loss", value=value, validation_fingerprint=fingerprint))
+
+    assert [loss(v)["alias"] for v in (0.5, 0.6, 0.4, 0.4)] == ["champion", "challenger", "champion", "challenger"]
 
 
-def test_check_reachable_names_the_uri_and_fails_fast(store):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    with pytest.raises(FlexKDError, match=f"MLflow tracking server at {uri} is unreachable"):
-        tracking.check_reachable(timeout_s=2, uri=uri)
-    assert time.monotonic() - start < 5
-    tracking.setup(store, EXPERIMENT)
-    tracking.check_reachable()  # sqlite: nothing to check
+def test_a_champion_chosen_before_validation_selection_is_not_replaced_silently(store, tiny_checkpoint):
+    """A champion registered by test metric (no selection tags) cannot be compared: the new one is challenger."""
+    import mlflow
+
+    with tracking.stage_run("distill", project_root=store, experiment=EXPERIMENT) as run:
+        uri = tracking.log_classifier_model(tiny_checkpoint, label_map={"a": 0, "b": 1}, max_length=8,
+                                            input_example_texts=["x"])
+    client = _client()
+    client.create_registered_model("flexkd-old")
+    old = mlflow.register_model(uri, "flexkd-old", tags={"metric_name": "test_accuracy", "metric_value": "0.7"})
+    client.set_registered_model_alias("flexkd-old", "champion", old.version)
+    result = tracking.register_student(
+        "old", model_uri=uri, run_id=run.info.run_id, model_card_md="# card",
+        selection=Selection(key="s/m", metric="accuracy", value=0.95, validation_fingerprint="c" * 64))
+    assert result["alias"] == "challenger" and "records no validation score" in result["reason"]
+    assert str(client.get_model_version_by_alias("flexkd-old", "champion").version) == str(old.version)

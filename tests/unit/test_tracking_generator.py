@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from flexkd import tracking
+from flexkd.selection import Selection
 from flexkd.errors import FlexKDError
 from flexkd.data.generation import PromptFormatter, tokenize_prompts
 
@@ -181,11 +182,13 @@ def test_generator_loads_without_flexkd_and_registers_with_a_generation_card(sto
     card = tracking.model_card(
         task="dolly", teacher={"spec": "gpt2-xl", "test": {"rougeL": 27.1}},
         student={"architecture": "LlamaForCausalLM", "num_parameters": 4321},
-        data={"files": ["train.jsonl"], "rows": 2}, method="kd", metrics={"test/rougeL": 21.5, "val/rougeL": 22.25},
+        data={"files": ["train.jsonl"], "rows": 2}, method="kd",
+        metrics={"validation": {"loss": 2.5}, "test": {"rougeL": 21.5}},
         selected_units=None, relevance=None, task_format="instruction",
     )
     assert "ROUGE-L" in card and "AutoModelForCausalLM" in card and "AutoModelForSequenceClassification" not in card
-    assert "| test/rougeL | 21.5000 |" in card and '{"prompt": ["an example"]}' in card
+    assert "- **test split**: ROUGE-L 21.5000" in card and "- **validation split**: NLL 2.5000" in card
+    assert '{"prompt": ["an example"]}' in card
     assert "models:/flexkd-dolly@champion" in card and "Instruction following" in card
     classification = tracking.model_card(
         task="sst2", teacher={}, student={}, data={}, method="kd", metrics={"accuracy": 0.9},
@@ -196,13 +199,16 @@ def test_generator_loads_without_flexkd_and_registers_with_a_generation_card(sto
         tracking.model_card(task="x", teacher={}, student={}, data={}, method="kd", metrics={},
                             selected_units=None, relevance=None, task_format="translation")
 
+    def selection(value):
+        return Selection(key="pruned/kd", metric="neg_loss", value=value, validation_fingerprint="f" * 64)
+
     first = tracking.register_student(
-        "dolly", model_uri=uri, run_id=run_id, metric_name="rougeL", metric_value=21.5, model_card_md=card,
+        "dolly", model_uri=uri, run_id=run_id, selection=selection(-2.5), model_card_md=card,
         tags={"method": "kd", "task_format": "instruction"},
     )
     assert (first["name"], first["alias"]) == ("flexkd-dolly", "champion")
     worse = tracking.register_student(
-        "dolly", model_uri=uri, run_id=run_id, metric_name="rougeL", metric_value=20.0, model_card_md=card,
+        "dolly", model_uri=uri, run_id=run_id, selection=selection(-2.75), model_card_md=card,
     )
     assert worse["alias"] == "challenger"
     champion = mlflow.MlflowClient().get_model_version_by_alias("flexkd-dolly", "champion")

@@ -4,7 +4,6 @@ in plain words: what is wrong for how many rows, where, and what to do, with the
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -288,11 +287,7 @@ def test_report_markdown_json_and_exception(tmp_path, clean_test):
     assert "### 1. 1 train row (9.09%) has an empty or whitespace-only text" in markdown
 
 
-def test_real_sst2_sample_passes():
-    configured = os.environ.get("FLEXKD_DATA_DIR")
-    data_dir = Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "datasets"
-    if not data_dir.is_dir():
-        pytest.skip("real datasets not found (set FLEXKD_DATA_DIR)")
+def test_real_sst2_sample_passes(data_dir):
     columns = ColumnMap("sentence", "label")
     train = load_table(data_dir / "glue" / "SST-2" / "train.tsv", columns=columns).head(400)
     test = load_table(data_dir / "glue" / "SST-2" / "dev.tsv", columns=columns).head(200)
