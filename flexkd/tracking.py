@@ -107,6 +107,28 @@ def setup(project_root: str | Path, experiment: str) -> str:
     return uri
 
 
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `make ui` serves a local (SQLite) store
+
+
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI's address for a tracking URI: the server itself, or `make ui`'s for a local store."""
+    uri = uri or _current_uri or ""
+    return uri.rstrip("/") if uri.lower().startswith(("http://", "https://")) else UI_DEFAULT
+
+
+def experiment_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs in MLflow's model-training view.
+
+    MLflow 3.17's UI opens an experiment in its GenAI view (traces, prompts) unless the link asks for the
+    model-training one, whatever the experiment's kind tag says; flexkd's runs and metrics are in the latter.
+    """
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def model_version_url(name: str, version: str | int, uri: str | None = None) -> str:
+    return f"{ui_base(uri)}/#/models/{name}/versions/{version}?workflowType=machine_learning"
+
+
 def check_reachable(timeout_s: float = 10, *, uri: str | None = None) -> None:
     """Fail fast when an http(s) tracking server does not answer; a no-op for SQLite and file stores.
 

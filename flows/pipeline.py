@@ -214,7 +214,16 @@ def pipeline_flow(
         raise RuntimeError(f"dvc repro failed with exit status {completed.returncode}; see the stage output above")
     if paths.comparison.exists():
         print(paths.comparison.read_text())
-    return {"pipeline_run_id": parent, "comparison": str(paths.comparison)}
+    experiment = tracking.experiment_url(mlflow_experiment_id(cfg.project.experiment))
+    local = " (start the UI with `make ui`)" if tracking.ui_base() == tracking.UI_DEFAULT else ""
+    print(f"MLflow runs of {cfg.project.experiment}: {experiment}{local}")
+    return {"pipeline_run_id": parent, "comparison": str(paths.comparison), "experiment_url": experiment}
+
+
+def mlflow_experiment_id(name: str) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient().get_experiment_by_name(name).experiment_id
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -106,6 +106,9 @@ def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
     assert len(pipeline) == 1 and pipeline[0].info.run_id in parents and pipeline[0].info.status == "FINISHED"
     # what a newcomer sees in the UI: the model-training view, runs told apart by name, described, models named
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    _, completed = project
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert f"MLflow runs of {experiment.name}: {link} (start the UI with `make ui`)" in completed.stdout + completed.stderr
     commit = pipeline[0].data.tags["flexkd.git_commit"]
     assert pipeline[0].info.run_name.startswith(f"pipeline-sst2-seed42-{commit[:7]}")
     note = pipeline[0].data.tags["mlflow.note.content"]

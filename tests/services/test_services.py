@@ -221,6 +221,8 @@ def test_mlflow_ui_shows_the_registered_student_alias_and_metrics(deployed):
         pytest.skip(message)
     import mlflow
 
+    from flexkd import tracking
+
     ui = deployed["env"]["MLFLOW_TRACKING_URI"].rstrip("/")
     client = mlflow.MlflowClient(tracking_uri=ui)
     version = client.get_model_version_by_alias(MODEL, "champion")
@@ -254,7 +256,8 @@ def test_mlflow_ui_shows_the_registered_student_alias_and_metrics(deployed):
             _show(page, page.get_by_text("test/accuracy", exact=True))
             page.screenshot(path=str(out / shots[2]))
             # the experiment opens in the model-training view (runs and their metrics), not MLflow's GenAI view
-            page.goto(f"{ui}/#/experiments/{run.info.experiment_id}", wait_until="domcontentloaded")
+            # the link the pipeline prints (MLflow 3.17 opens an experiment in its GenAI view unless asked otherwise)
+            page.goto(tracking.experiment_url(run.info.experiment_id, ui), wait_until="domcontentloaded")
             text = _wait_for_text(page, ["pipeline-", "distill-pruned-flexkd"])
             assert "Evaluation runs" not in text, text[:2000]
             _close_assistant(page)

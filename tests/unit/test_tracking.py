@@ -45,6 +45,16 @@ def test_tracking_uri_defaults_to_project_sqlite(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == "http://example:5000"
 
 
+def test_ui_links_open_the_model_training_view_of_the_server_or_of_make_ui():
+    # a server: its own address; a local store: where `make ui` serves it
+    assert tracking.experiment_url("7", "http://mlflow.internal:8080/") == \
+        "http://mlflow.internal:8080/#/experiments/7/runs?workflowType=machine_learning"
+    assert tracking.experiment_url("3", "sqlite:////tmp/x/mlflow.db") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.model_version_url("flexkd-sst2", 2, "https://m.example") == \
+        "https://m.example/#/models/flexkd-sst2/versions/2?workflowType=machine_learning"
+
+
 def test_stage_runs_nest_under_one_pipeline_parent_across_processes(store):
     with tracking.stage_run("prepare", project_root=store, experiment=EXPERIMENT) as first:
         pass
