@@ -29,7 +29,7 @@ run: $(STAMP)
 	echo "make run: $$(( $$(date +%s) - start )) s"
 
 test: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 profile:
 	@test -n "$(PROFILE)" || (echo "usage: make profile PROFILE=<name>; one of: $$(ls profiles | sed -n 's/\.yaml$$//p' | tr '\n' ' ')"; exit 2)

@@ -18,7 +18,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="flexkd-prefect-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each pytest-xdist worker its own Prefect home (the controller's is inherited): the temporary Prefect
+    # servers of two workers never share one SQLite database
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"flexkd-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+else:
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="flexkd-prefect-"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FLEXKD_PIPELINE_RUN_ID", None)
 
