@@ -129,6 +129,13 @@ def render(results: dict) -> str:
         both = steps.get("cached_over_online", {}).get(method)
         lines.append(f"| {method} | {online:.2f} | {'' if cached is None else f'{cached:.2f}'} | "
                      f"{'' if both is None else f'{both:.2f}'} |")
+    if "padding" in steps:
+        grouped, plain = steps["padding"]["grouped"], steps["padding"]["ungrouped"]
+        lines += ["", f"Padding per epoch of the training split (batch {steps['batch_size']}, each batch padded to its "
+                      f"longest row): {grouped['real_tokens']:,} real tokens; padded to {plain['padded_tokens']:,} in "
+                      f"permutation order, {grouped['padded_tokens']:,} with length-grouped batches "
+                      f"(runtime.group_by_length): **{plain['padded_tokens'] / grouped['padded_tokens']:.2f}x** fewer "
+                      "tokens through the models."]
     if "flexkd_term_share" in steps:
         lines += ["", f"The Flex-KD term's own forward + backward: **{steps['flexkd_term_share']:.1%}** of a flexkd step "
                       f"(teacher online), {_goal(steps['flexkd_term_share'], 0.05, percent=True)}."]

@@ -18,89 +18,79 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
     """Median seconds of one optimizer step per (method, teacher source) and ratios to a plain student step.
 
     ``ft`` is the plain student step (task loss only). Each other method is timed with the teacher online and,
-    where the project's teacher cache serves it, with the cache. ``flexkd_term_share``: the Flex-KD term's own
-    forward + backward (on a real batch's hidden states) over the whole flexkd step.
+    where the project's teacher cache serves it, with the cache. Every configuration is the distill stage's own
+    set-up (:func:`flexkd.distill.build_distill`: models, objective, teacher source, collation, runtime), stepped
+    as ``train_loop`` steps it. ``flexkd_term_share``: the Flex-KD term's own forward + backward (on a real
+    batch's hidden states) over the whole flexkd step. ``padding``: real and padded tokens of one epoch of the
+    training split with and without length-grouped batches.
     """
-    from flexkd.cache import IndexedCollate, TeacherCache, cache_enabled, cached_distillation_loss
+    from flexkd.cache import cache_enabled
     from flexkd.config import load_config
-    from flexkd.losses import build_objective
-    from flexkd.models import hidden_size, load_tokenizer
-    from flexkd.relevance import RelevanceIndex
+    from flexkd.distill import build_distill
+    from flexkd.models import load_tokenizer
+    from flexkd.runtime import batches as epoch_batches, padding_stats, row_lengths
     from flexkd.tasks import task_for
-    from flexkd.train import _param_groups, distillation_loss, set_threads
+    from flexkd.train import _param_groups, set_threads
     from flows.common import paths_for
 
     cfg = load_config(root / "params.yaml")
     paths = paths_for(cfg, root)
     task = task_for(cfg)
+    runtime = task.runtime
     set_threads()
     student = student or cfg.distill.students[0]
-    scfg = cfg.student(student)
-    dcfg = cfg.distill
+    settings = cfg.distill.train
     tokenizer = load_tokenizer(str(paths.teacher))
-    teacher = task.load_model(str(paths.teacher))
-    index = RelevanceIndex.load(paths.relevance / "index.json")
-    units = sorted(index.indices) if scfg.init == "prune" else list(index.indices)
     train = task.features(paths.prepared, "train", tokenizer)
-    collate = task.collate(tokenizer)
-    cache = TeacherCache.load(paths.teacher_cache) if cache_enabled(paths.teacher_cache) else None
-    batch_size = dcfg.train.batch_size
-    batches = [list(range(i, i + batch_size)) for i in range(0, batch_size * (rounds + warmup), batch_size)]
-    batches = [[i % len(train) for i in b] for b in batches]
-    indexed = IndexedCollate.index(train)
-    methods = methods or list(dcfg.methods)
-    weights = scfg.feature_weight or dcfg.feature_weight
-
-    def objective_for(method, width, selected):
-        return build_objective(
-            method, alpha=dcfg.alpha, temperature=dcfg.temperature, feature_weight=getattr(weights, method, 0.0),
-            flexkd_kind=dcfg.flexkd_loss, student_hidden=scfg.hidden_size, teacher_hidden=width,
-            selected_units=selected if method == "flexkd" else None, logit_loss=dcfg.logit_loss,
-            shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,
-        )
+    lengths = row_lengths(train)
+    batch_size = settings.batch_size
+    order = epoch_batches(len(train), batch_size, cfg.project.seed, 0, lengths if runtime.group_by_length else None)
+    batches = [order[i % len(order)] for i in range(rounds + warmup)]
+    methods = methods or list(cfg.distill.methods)
+    has_cache = cache_enabled(paths.teacher_cache)
 
     configs = {}
     for method in methods:
-        sources = ["online"] if method == "ft" else ["online"] + (["cache"] if cache is not None and cache.serves(
-            units if method == "flexkd" else (None if method == "kd" else range(hidden_size(teacher)))) else [])
-        for source in sources:
-            model, _ = task.build_student(teacher, scfg, seed=cfg.project.seed, selected_units=units)
-            if source == "online":
-                objective = objective_for(method, hidden_size(teacher), units)
-                loss_fn = distillation_loss(model, teacher if objective.needs_teacher else None, objective, task.feature_mask)
-                make = lambda ids: collate([train[i] for i in ids])  # noqa: E731
-            else:
-                objective = objective_for(method, cache.width, cache.positions(units))
-                loss_fn = cached_distillation_loss(cache, objective, task.feature_mask,
-                                                   vocab=len(tokenizer) if task.is_generation else None)
-                indexed_collate = IndexedCollate(collate)
-                make = lambda ids, c=indexed_collate: c([indexed[i] for i in ids])  # noqa: E731
-            modules = [model] + ([objective] if any(True for _ in objective.parameters()) else [])
-            optimizer = torch.optim.AdamW(_param_groups(modules, 0.01), lr=1e-5)
-            configs[f"{method}/{source}"] = (model, loss_fn, optimizer, make, objective)
+        for source in (["online"] if method == "ft" else ["online"] + (["cache"] if has_cache else [])):
+            setup = build_distill(cfg, paths, student, method, teacher_source=source, task=task, train=train)
+            if source == "cache" and setup.teacher_outputs != "cache":
+                continue  # the cache does not serve this method (it would run the teacher online again)
+            modules = [setup.model] + ([setup.extra] if setup.extra is not None else [])
+            optimizer = runtime.optimizer(_param_groups(modules, settings.weight_decay), lr=1e-5)
+            configs[f"{method}/{source}"] = (setup, optimizer)
 
     times: dict[str, list[float]] = {name: [] for name in configs}
     term_times: list[float] = []
     for step, ids in enumerate(batches):
-        for name, (model, loss_fn, optimizer, make, objective) in configs.items():
-            batch = make(ids)
+        for name, (setup, optimizer) in configs.items():
+            batch = runtime.to_device(setup.collate([setup.train_data[i] for i in ids]))
+            _sync(runtime)
             began = time.perf_counter()
-            loss, _ = loss_fn(model, batch)
+            with runtime.autocast():
+                loss, _ = setup.loss_fn(setup.model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _sync(runtime)
             if step >= warmup:
                 times[name].append(time.perf_counter() - began)
         if "flexkd/online" in configs and step >= warmup:
-            term_times.append(_flexkd_term_seconds(configs["flexkd/online"], teacher, collate([train[i] for i in ids]),
+            setup = configs["flexkd/online"][0]
+            term_times.append(_flexkd_term_seconds(setup, runtime.to_device(setup.collate([train[i] for i in ids])),
                                                    task.feature_mask))
     median = {name: statistics.median(values) for name, values in times.items()}
     plain = median.get("ft/online")
+    grouped = epoch_batches(len(train), batch_size, cfg.project.seed, 0, lengths)
+    in_order = epoch_batches(len(train), batch_size, cfg.project.seed, 0, None)
     result = {
         "student": student, "batch_size": batch_size, "rounds": rounds, "median_step_seconds": median,
         "ratio_to_plain_step": {name: value / plain for name, value in median.items()} if plain else {},
+        "runtime": runtime.describe(),
+        "padding": {"grouped": padding_stats(grouped, lengths), "ungrouped": padding_stats(in_order, lengths)},
     }
-    if cache is not None:
+    cached = {name.split("/")[0]: setup.cache for name, (setup, _) in configs.items() if setup.cache is not None}
+    if cached:
+        cache = next(iter(cached.values()))
         result["cached_over_online"] = {m: median[f"{m}/cache"] / median[f"{m}/online"]
                                         for m in methods if f"{m}/cache" in median}
         result["cache_bytes"], result["cache_full_width_bytes"] = cache.meta["bytes"], cache.meta["full_width_bytes"]
@@ -109,6 +99,12 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
         result["flexkd_term_seconds"] = statistics.median(term_times)
         result["flexkd_term_share"] = result["flexkd_term_seconds"] / median["flexkd/online"]
     return result
+
+
+def _sync(runtime) -> None:
+    """Wait for the GPU's queued work, so that a step's time is its own (a no-op on the CPU)."""
+    if runtime.is_cuda:
+        torch.cuda.synchronize(runtime.device)
 
 
 def relevance_time_ratio(root: Path, *, n_batches: int = 8, batch_size: int | None = None) -> dict:
@@ -129,10 +125,11 @@ def relevance_time_ratio(root: Path, *, n_batches: int = 8, batch_size: int | No
     set_threads()
     batch_size = batch_size or cfg.relevance.batch_size
     tokenizer = load_tokenizer(str(paths.teacher))
-    teacher = task.load_model(str(paths.teacher))
+    runtime = task.runtime
+    teacher = task.load_model(str(paths.teacher)).to(runtime.device, dtype=runtime.teacher_dtype)  # as the stage does
     collate = task.collate(tokenizer)
     train = task.features(paths.prepared, "train", tokenizer, limit=batch_size * (n_batches + 1))
-    batches = [collate(train[i : i + batch_size]) for i in range(0, len(train), batch_size)]
+    batches = [runtime.to_device(collate(train[i : i + batch_size])) for i in range(0, len(train), batch_size)]
 
     def plain(batch):
         teacher.zero_grad(set_to_none=True)
@@ -147,8 +144,10 @@ def relevance_time_ratio(root: Path, *, n_batches: int = 8, batch_size: int | No
     seconds = {"relevance": 0.0, "plain": 0.0}
     for batch in batches[1:]:
         for name, fn in (("plain", plain), ("relevance", relevance)):
+            _sync(runtime)
             began = time.perf_counter()
             fn(batch)
+            _sync(runtime)
             seconds[name] += time.perf_counter() - began
     return {"batches": len(batches) - 1, "batch_size": batch_size, "seconds": seconds,
             "ratio": seconds["relevance"] / seconds["plain"]}
@@ -169,7 +168,7 @@ def cache_sizes(root: Path) -> dict:
     paths = paths_for(cfg, root)
     task = task_for(cfg)
     tokenizer = load_tokenizer(str(paths.teacher))
-    teacher = task.load_model(str(paths.teacher))
+    teacher = task.runtime.frozen(task.load_model(str(paths.teacher)))  # as the teacher_cache stage does
     train = task.features(paths.prepared, "train", tokenizer)
     index = RelevanceIndex.load(paths.relevance / "index.json")
     d_teacher = hidden_size(teacher)
@@ -189,20 +188,21 @@ def cache_sizes(root: Path) -> dict:
     return sizes
 
 
-def _flexkd_term_seconds(config, teacher, batch, feature_mask) -> float:
+def _flexkd_term_seconds(setup, batch, feature_mask) -> float:
     """Forward + backward of the Flex-KD term alone, on one batch's real student and teacher hidden states."""
     from flexkd.losses import masked_rows
 
-    model, _, _, _, objective = config
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        hs = model(**inputs, output_hidden_states=True).hidden_states[-1]
-        ht = teacher(**inputs, output_hidden_states=True).hidden_states[-1]
+    with setup.runtime.inference():
+        hs = setup.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+        ht = setup.teacher(**inputs, output_hidden_states=True).hidden_states[-1].float()
     mask = feature_mask(batch)
     hs_rows = masked_rows(hs, mask).detach().requires_grad_(True)
     ht_rows = masked_rows(ht, mask)
+    _sync(setup.runtime)
     began = time.perf_counter()
-    objective.feature_term(hs_rows, ht_rows).backward()
+    setup.objective.feature_term(hs_rows, ht_rows).backward()
+    _sync(setup.runtime)
     return time.perf_counter() - began
 
 

@@ -122,6 +122,7 @@ def build_cache(
     needs_hidden = spec.columns is not None
     columns = torch.tensor(spec.columns or [], dtype=torch.long)
     teacher.eval()
+    device = next(teacher.parameters()).device  # the caller placed it (flexkd.runtime); batches follow
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
@@ -144,14 +145,18 @@ def build_cache(
             for ids in batches:
                 batch = collate([features[i] for i in ids])
                 mask = feature_mask(batch).bool()
-                inputs = {key: value for key, value in batch.items() if key != "labels"}
+                inputs = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+                          for key, value in batch.items() if key != "labels"}
                 out = teacher(**inputs, output_hidden_states=needs_hidden)
+                on_device = mask.to(device)
                 if spec.generation:
                     logits = out.logits[..., : spec.vocab] if spec.vocab else out.logits
-                    values, indices, fill = sparse_teacher_parts(logits[mask], spec.top_k, spec.temperature)
+                    values, indices, fill = (t.cpu() for t in sparse_teacher_parts(logits[on_device].float(), spec.top_k,
+                                                                                    spec.temperature))
                 elif logits_out is None:
                     logits_out = np.zeros((n, out.logits.shape[-1]), dtype=storage)
-                rows_hidden = out.hidden_states[-1][mask][:, columns] if needs_hidden else None
+                rows_hidden = (out.hidden_states[-1][on_device][:, columns.to(device)].float().cpu()
+                               if needs_hidden else None)
                 position = 0
                 for b, i in enumerate(ids):
                     lo, hi = int(offsets[i]), int(offsets[i + 1])
@@ -378,9 +383,11 @@ def cached_distillation_loss(cache: TeacherCache, objective: torch.nn.Module, fe
         inputs = {k: v for k, v in batch.items() if k not in ("labels", IndexedCollate.KEY)}
         out = model(**inputs, output_hidden_states=needs_hidden)
         mask = feature_mask(batch)
-        teacher_logits, teacher_hidden = cache.batch_outputs(batch[IndexedCollate.KEY], mask.cpu(), hidden=needs_hidden, vocab=vocab)
-        teacher_logits = teacher_logits.to(out.logits.device)
-        teacher_hidden = teacher_hidden.to(out.logits.device) if teacher_hidden is not None else None
+        teacher_logits, teacher_hidden = cache.batch_outputs(batch[IndexedCollate.KEY].cpu(), mask.cpu(), hidden=needs_hidden,
+                                                            vocab=vocab)
+        device = out.logits.device  # the cache's rows are read on the host; copied to the student's device
+        teacher_logits = teacher_logits.to(device, non_blocking=True)
+        teacher_hidden = teacher_hidden.to(device, non_blocking=True) if teacher_hidden is not None else None
         return objective(
             student_logits=out.logits,
             student_hidden=out.hidden_states[-1] if needs_hidden else None,

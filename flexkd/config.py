@@ -327,6 +327,37 @@ class RegisterConfig(_Strict):
     enabled: bool = Field(True, description="Register the best student in the MLflow model registry as flexkd-<task>.")
 
 
+class RuntimeConfig(_Strict):
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="Where every stage runs its models: auto (the first CUDA device when torch sees one, else the CPU), "
+        "cpu, cuda or cuda:N. A device the machine lacks stops the stage before any model is loaded. Not part of the "
+        "run fingerprints: a checkpoint resumes on another device.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="What trained models compute in: float32 master weights, forward passes under autocast in "
+        "bf16 or fp16 (fp16 with loss scaling, CUDA only). auto: bf16 on a CUDA device that supports it (else fp16), "
+        "fp32 on the CPU (bf16 there only once measured to keep accuracy: see BENCHMARKS.md).",
+    )
+    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Dtype the frozen teacher is cast to for inference (relevance scoring, teacher cache, the "
+        "online teacher while distilling). auto: the precision's dtype on CUDA, float32 on the CPU.",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch rows of similar token length together (mega-batches of 50 batches sorted by length, "
+        "then the batches shuffled): far less padding. Deterministic under the seed, exact on resume.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).",
+    )
+    compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
+
+
+# RuntimeConfig keys that change where a run executes, not what it computes (beyond rounding): left out of
+# run fingerprints like num_processes.
+RUNTIME_EXECUTION_ONLY_KEYS = frozenset({"device", "gradient_checkpointing", "compile"})
+
+
 class FlexKDConfig(_Strict):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     data: DataConfig
@@ -341,6 +372,11 @@ class FlexKDConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def runtime_fingerprint(self) -> dict:
+        """The runtime keys that change what a run computes (precision, teacher dtype, batch order)."""
+        return {k: v for k, v in self.runtime.model_dump().items() if k not in RUNTIME_EXECUTION_ONLY_KEYS}
 
     @model_validator(mode="after")
     def _cross_checks(self):

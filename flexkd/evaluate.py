@@ -25,19 +25,32 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) ->
 
 
 @torch.no_grad()
-def predict_logits(model, features: Sequence[dict], collate: Callable, batch_size: int) -> torch.Tensor:
+def predict_logits(model, features: Sequence[dict], collate: Callable, batch_size: int, runtime=None) -> torch.Tensor:
+    """Logits of every row, in the rows' order. Batches hold rows of similar length (less padding) and go to
+    ``runtime``'s device under its autocast (default: the model's device, no autocast)."""
+    from flexkd.runtime import Runtime
+    from flexkd.tasks import length_sorted_batches
+
+    runtime = runtime or Runtime(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    chunks = []
-    for start in range(0, len(features), batch_size):
-        batch = collate(list(features[start : start + batch_size]))
+    out: torch.Tensor | None = None
+    for ids in length_sorted_batches(features, batch_size):
+        batch = collate([features[i] for i in ids])
         batch.pop("labels", None)
-        chunks.append(model(**batch).logits.float())
+        with runtime.autocast():
+            logits = model(**runtime.to_device(batch)).logits.float().cpu()
+        if out is None:
+            out = torch.empty((len(features), *logits.shape[1:]), dtype=torch.float32)
+        out[torch.tensor(ids)] = logits
     model.train(was_training)
-    return torch.cat(chunks)
+    if out is None:
+        raise ValueError("predict_logits: no rows")
+    return out
 
 
-def evaluate_classifier(model, features: Sequence[dict], collate: Callable, batch_size: int = 128) -> dict[str, float]:
-    logits = predict_logits(model, features, collate, batch_size)
+def evaluate_classifier(model, features: Sequence[dict], collate: Callable, batch_size: int = 128,
+                        runtime=None) -> dict[str, float]:
+    logits = predict_logits(model, features, collate, batch_size, runtime=runtime)
     labels = [f["labels"] for f in features]
     return classification_metrics(labels, logits.argmax(-1).tolist())

@@ -73,6 +73,7 @@ def generate_texts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_prompt_tokens: int | None = None,
+    runtime=None,
 ) -> list[str]:
     """The text each prompt's continuation decodes to (new tokens only, special tokens skipped, stripped).
 
@@ -80,9 +81,10 @@ def generate_texts(
     with an attention mask, so a prompt's output does not depend on its batch. Generation stops at EOS or
     after ``max_new_tokens``. Greedy by default (deterministic); with ``do_sample`` and a ``seed``,
     ``torch.manual_seed(seed)`` is called once at the start of the call, so the same call repeats. The model
-    runs in eval mode under ``torch.no_grad`` and its training mode is restored afterwards; the tokenizer is
-    not modified.
+    runs in eval mode under ``torch.no_grad`` (and ``runtime``'s autocast, if given) on its own device, and its
+    training mode is restored afterwards; the tokenizer is not modified.
     """
+    import contextlib
     if max_new_tokens < 1:
         raise ConfigError(f"generate_texts: max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -116,7 +118,7 @@ def generate_texts(
         torch.manual_seed(int(seed))
     outputs: list[str] = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (runtime.autocast() if runtime is not None else contextlib.nullcontext()):
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 width = max(len(ids) for ids in chunk)
@@ -126,7 +128,8 @@ def generate_texts(
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention_mask[row, width - len(ids) :] = 1
                 generated = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
+                    input_ids=input_ids.to(device, non_blocking=True), attention_mask=attention_mask.to(device, non_blocking=True),
+                    **gen_kwargs
                 )
                 for row in generated[:, width:].tolist():
                     cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
@@ -201,6 +204,7 @@ def evaluate_generation(
     max_prompt_tokens: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    runtime=None,
 ) -> dict:
     """Generate for every record (prompt = ``formatter_prompt(record)``) and score ROUGE-L against its
     ``references``.
@@ -214,7 +218,7 @@ def evaluate_generation(
         raise DataError("evaluate_generation: no records to evaluate")
     prompts = [formatter_prompt(record) for record in records]
     common = dict(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, runtime=runtime
     )
     if not do_sample or seeds is None:
         predictions = generate_texts(model, tokenizer, prompts, do_sample=False, **common)

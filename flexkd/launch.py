@@ -52,6 +52,7 @@ def launch_command(num_processes: int, job: str | Path, result: str | Path) -> l
         "--multi_gpu",  # accelerate's multi-process launcher (torchrun); the ranks pick CPU + gloo without CUDA
         "--num_processes", str(num_processes), "--num_machines", "1", "--machine_rank", "0",
         "--main_process_port", "0",  # a free port: several trainings may run side by side
+        # precision and compilation are train_loop's own (flexkd.runtime: autocast, grad scaler, torch.compile)
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "flexkd.launch", str(job), str(result),
     ]
@@ -173,7 +174,14 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(job_path, "rb") as handle:
         job = cloudpickle.load(handle)
-    state = PartialState(cpu=next(job["model"].parameters()).device.type != "cuda")
+    runtime = job.get("runtime")
+    on_cuda = runtime is not None and runtime.device.type == "cuda"
+    state = PartialState(cpu=not on_cuda)
+    if on_cuda:  # the runtime was resolved in the launching process: each rank runs on its own GPU
+        import dataclasses
+
+        job["runtime"] = dataclasses.replace(runtime, device=torch.device("cuda", state.local_process_index))
+        torch.cuda.set_device(job["runtime"].device)
     try:
         result = train_loop(**job)
         outcome = {"state": asdict(result.state), "model_dir": str(result.model_dir),

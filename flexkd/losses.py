@@ -735,6 +735,17 @@ class DistillObjective(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The loss is formed in float32 whatever precision the forward passes ran in (autocast off; bf16 or fp16
+        # logits and hidden states upcast): softmaxes, KL, correlations and their sums lose too much in 16 bits.
+        def full(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.float() if t is not None and t.is_floating_point() else t
+
+        with torch.autocast(device_type=student_logits.device.type, enabled=False):
+            return self._forward(student_logits=full(student_logits), labels=labels, student_hidden=full(student_hidden),
+                                 feature_mask=feature_mask, teacher_logits=full(teacher_logits),
+                                 teacher_hidden=full(teacher_hidden))
+
+    def _forward(self, *, student_logits, labels, student_hidden, feature_mask, teacher_logits, teacher_hidden):
         terms: dict[str, torch.Tensor] = {}
         task = self.task_term(student_logits, labels)
         terms["task"] = task

@@ -4,6 +4,9 @@
 batch, an unknown method or loss fail there). Some mistakes only show against the files and models the params
 point at, and would otherwise surface minutes later, after the teacher was fine-tuned:
 
+- ``runtime.device`` names a device this machine lacks (``cuda`` without CUDA, ``cuda:3`` on a two-GPU host),
+  ``runtime.precision`` does not fit it (fp16 on the CPU), or a CUDA run asks for more processes than GPUs;
+
 - the data directory or a configured data file is not there (``data.data_dir``, ``data.train_file``,
   ``data.test_file``);
 - the teacher does not resolve, or asks to run custom code while ``teacher.trust_remote_code`` is off;
@@ -35,6 +38,7 @@ def check(cfg: FlexKDConfig, *, data: bool = True, teacher: str | None = None) -
     ``data``: check the raw data files too (stages that read them: the pipeline, validate, prepare).
     ``teacher``: the model spec to check against (default ``teacher.model``; later stages pass the tuned teacher).
     """
+    check_runtime(cfg)
     notes: list[str] = []
     if data:
         notes += check_data(cfg.data)
@@ -45,6 +49,24 @@ def check(cfg: FlexKDConfig, *, data: bool = True, teacher: str | None = None) -
     for name in cfg.distill.students:
         notes += check_student(cfg, name, teacher_config, spec)
     return notes
+
+
+# --------------------------------------------------------------------------------------------------- runtime
+def check_runtime(cfg: FlexKDConfig) -> None:
+    """``runtime.device`` / ``precision`` resolve on this machine, and a multi-process CUDA run has a GPU per
+    process."""
+    import torch
+
+    from flexkd.runtime import resolve
+
+    runtime = resolve(cfg.runtime)
+    if runtime.is_cuda:
+        count = torch.cuda.device_count()
+        for key, settings in (("teacher.finetune.num_processes", cfg.teacher.finetune),
+                              ("distill.train.num_processes", cfg.distill.train)):
+            if settings.num_processes > count:
+                raise ConfigError(f"{key} is {settings.num_processes} but this machine has {count} CUDA device(s): "
+                                  "one GPU per process. Lower it, or set runtime.device: cpu.")
 
 
 # ------------------------------------------------------------------------------------------------------ data

@@ -39,8 +39,18 @@ class Task:
     relevance_task: str
     is_generation: bool
 
-    def __init__(self, cfg: FlexKDConfig):
+    def __init__(self, cfg: FlexKDConfig, runtime=None):
         self.cfg = cfg
+        self._runtime = runtime
+
+    @property
+    def runtime(self):
+        """Where this task's models run (``params.yaml: runtime``, resolved on first use; see flexkd.runtime)."""
+        if self._runtime is None:
+            from flexkd import runtime
+
+            self._runtime = runtime.resolve(self.cfg.runtime)
+        return self._runtime
 
     # -- selection during training (higher is better) -------------------------------------------------
     @property
@@ -174,7 +184,7 @@ class ClassificationTask(Task):
     def validation_scores(self, model, features, collate) -> dict[str, float]:
         from flexkd.evaluate import evaluate_classifier
 
-        return evaluate_classifier(model, features, collate, self.cfg.evaluate.batch_size)
+        return evaluate_classifier(model, features, collate, self.cfg.evaluate.batch_size, runtime=self.runtime)
 
     def test_scores(self, model, tokenizer, prepared_dir: Path) -> tuple[dict[str, float], list[str] | None]:
         features = self.features(prepared_dir, "test", tokenizer)
@@ -316,12 +326,15 @@ class GenerationTask(Task):
         model.eval()
         total, tokens = 0.0, 0
         batch_size = max(1, self.cfg.generation.batch_size)
-        for start in range(0, len(features), batch_size):
-            batch = collate(list(features[start : start + batch_size]))
+        runtime = self.runtime
+        for ids in length_sorted_batches(features, batch_size):
+            batch = runtime.to_device(collate([features[i] for i in ids]))
             labels = batch.pop("labels")
             n = int((labels[:, 1:] != -100).sum())
             if n:
-                total += float(response_nll(model(**batch).logits, labels)) * n
+                with runtime.autocast():
+                    logits = model(**batch).logits
+                total += float(response_nll(logits.float(), labels)) * n
                 tokens += n
         model.train(was_training)
         loss = total / max(tokens, 1)
@@ -336,12 +349,13 @@ class GenerationTask(Task):
         result = evaluate_generation(
             model, tokenizer, records, formatter.prompt, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
             seeds=g.seeds, do_sample=g.seeds is not None, max_prompt_tokens=g.max_prompt_tokens,
-            temperature=g.temperature, top_p=g.top_p,
+            temperature=g.temperature, top_p=g.top_p, runtime=self.runtime,
         )
         scores = {k: float(v) for k, v in result.items() if k in ("rougeL", "rougeL_std")}
         if g.seeds is not None:  # also report greedy, the number papers quote
             greedy = evaluate_generation(model, tokenizer, records, formatter.prompt, max_new_tokens=g.max_new_tokens,
-                                         batch_size=g.batch_size, max_prompt_tokens=g.max_prompt_tokens)
+                                         batch_size=g.batch_size, max_prompt_tokens=g.max_prompt_tokens,
+                                         runtime=self.runtime)
             scores["rougeL_greedy"] = float(greedy["rougeL"])
         return scores, result["predictions"]
 
@@ -357,6 +371,15 @@ class GenerationTask(Task):
             use_chat_template=formatter.use_chat_template, summary_instruction=g.summary_instruction,
             task=self.cfg.data.format, input_example_prompts=examples, artifact_path=name,
         )
+
+
+def length_sorted_batches(features, batch_size: int) -> list[list[int]]:
+    """Evaluation batches of rows of similar length (less padding); the scores do not depend on the order."""
+    from flexkd.runtime import row_lengths
+
+    lengths = row_lengths(features)
+    order = sorted(range(len(features)), key=lambda i: -lengths[i]) if lengths else list(range(len(features)))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def task_for(cfg: FlexKDConfig) -> Task:

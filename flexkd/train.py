@@ -35,6 +35,7 @@ from torch import nn
 from flexkd.config import TrainConfig
 from flexkd.errors import ConfigError, ProvenanceError
 from flexkd.provenance import atomic_dir, recover_dir, sha256_file
+from flexkd.runtime import Runtime, batches, row_lengths
 
 # loss_fn(model, batch) -> (loss, {term: value}); ``model`` is the module to call: the plain model with one
 # process, its DDP / FSDP-wrapped form with several.
@@ -113,6 +114,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None) -> list[list[int]]:
+    """The batches of one epoch (see :func:`flexkd.runtime.batches`): the seeded permutation cut in order, or,
+    with ``lengths``, grouped by length. A pure function of its arguments, so resume is exact."""
+    return batches(n, batch_size, seed, epoch, lengths)
+
+
 def _manifest(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): sha256_file(path)
@@ -122,7 +129,8 @@ def _manifest(directory: Path) -> dict[str, str]:
 
 
 def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None, optimizer, scheduler, state: TrainState,
-                             fingerprint: str, model_state: dict | None = None, optimizer_state: dict | None = None) -> None:
+                             fingerprint: str, model_state: dict | None = None, optimizer_state: dict | None = None,
+                             scaler=None) -> None:
     """Write a resumable checkpoint atomically. ``model_state`` / ``optimizer_state``: full state dicts gathered
     from sharded ranks (FSDP); None: the model's and optimizer's own."""
 
@@ -132,6 +140,7 @@ def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None,
             {
                 "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                 "extra": extra.state_dict() if extra is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": list(random.getstate()[1]),
@@ -185,8 +194,8 @@ def _load_weights(model, directory: Path) -> None:
 class _Ranks:
     """This process as one rank of several (``accelerate launch``): what the loop does differently.
 
-    - The process group comes from accelerate's ``PartialState`` (gloo on CPU, NCCL when the model is on CUDA;
-      each rank then moves it to its own GPU).
+    - The process group comes from accelerate's ``PartialState`` (gloo on CPU, NCCL when ``runtime.device`` is
+      CUDA: one GPU per process, rank r on cuda:<local rank>).
     - ``batch_size`` is the global batch: rank r takes the r-th contiguous share of it (sizes differ by at most
       one) and scales its loss by ``share * world / batch`` so that the averaged gradient is the global batch's
       mean gradient. A rank whose share is empty (a last batch smaller than the world) runs one stand-in row
@@ -203,10 +212,10 @@ class _Ranks:
       one-process layout; the RNG state saved is rank 0's and every rank restores it.
     """
 
-    def __init__(self, settings: TrainConfig, model: nn.Module):
+    def __init__(self, settings: TrainConfig, model: nn.Module, runtime: Runtime):
         from accelerate import PartialState
 
-        on_cuda = next(model.parameters()).device.type == "cuda"
+        on_cuda = runtime.device.type == "cuda"
         self.state = PartialState(cpu=not on_cuda)
         self.world, self.rank = self.state.num_processes, self.state.process_index
         self.is_main = self.state.is_main_process
@@ -214,7 +223,7 @@ class _Ranks:
         self.fsdp = settings.distributed == "fsdp"
 
     @staticmethod
-    def start(settings: TrainConfig, model: nn.Module) -> "_Ranks | None":
+    def start(settings: TrainConfig, model: nn.Module, runtime: Runtime) -> "_Ranks | None":
         """None with one process; the rank's state under ``accelerate launch`` with num_processes ranks."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1 and settings.num_processes == 1:
@@ -224,7 +233,7 @@ class _Ranks:
                 f"num_processes is {settings.num_processes} but this process is one of {world}: start multi-process "
                 "training with flexkd.launch.run_training (it runs accelerate launch with num_processes ranks)"
             )
-        return _Ranks(settings, model)
+        return _Ranks(settings, model, runtime)
 
     def wrap(self, model: nn.Module, extra: nn.Module | None) -> nn.Module:
         """Move to this rank's device; return the module that the loss calls (DDP, or the FSDP-sharded model)."""
@@ -251,9 +260,6 @@ class _Ranks:
         if size == 0:
             return indices[:1], 0.0
         return indices[start : start + size], size * self.world / len(indices)
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def average_extra_grads(self, extra: nn.Module | None) -> None:
         """DDP / FSDP average the model's gradients; ``extra`` is outside them: one all-reduce of its gradients.
@@ -379,6 +385,7 @@ def train_loop(
     stop_after: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    runtime: Runtime | None = None,
 ) -> TrainResult:
     """Train ``model`` (and ``extra``, e.g. a projector) on ``train_data``; resume from ``work_dir`` if possible.
 
@@ -386,15 +393,21 @@ def train_loop(
     ``loss_fn`` is called as ``loss_fn(module, batch)`` with the module to run (the wrapped one under several
     processes). Under ``accelerate launch`` every rank calls this with the same arguments (see :class:`_Ranks`);
     then ``model`` is left as trained on each rank and the caller loads ``model_dir`` (``flexkd.launch`` does).
+
+    ``runtime`` (default: CPU, float32, batches in permutation order) puts the model, ``extra`` and each batch on
+    its device, runs ``loss_fn`` under its autocast (float32 master weights; fp16 scales the loss), picks fused
+    AdamW on CUDA and groups rows by length when asked. The model is left on that device.
     """
     work_dir = Path(work_dir)
-    ranks = _Ranks.start(settings, model)
+    runtime = runtime or Runtime()
+    ranks = _Ranks.start(settings, model, runtime)
     is_main = ranks is None or ranks.is_main
     modules = [model] + ([extra] if extra is not None else [])
     n = len(train_data)
     if n == 0:
         raise ValueError("train_data is empty")
     steps_per_epoch = math.ceil(n / settings.batch_size)
+    lengths = row_lengths(train_data) if runtime.group_by_length else None
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
 
     seed_everything(seed)
@@ -410,8 +423,16 @@ def train_loop(
         if extra is not None and blob["extra"] is not None:
             extra.load_state_dict(blob["extra"])
         resumed_from = state.step
-    train_module = model if ranks is None else ranks.wrap(model, extra)
-    optimizer = torch.optim.AdamW(_param_groups(modules, settings.weight_decay), lr=settings.lr)
+    if ranks is None:
+        train_module = runtime.student(model)  # on the device; compiled when asked
+        if extra is not None:
+            extra.to(runtime.device)
+    else:
+        if runtime.gradient_checkpointing or runtime.compile:
+            runtime.student(model)  # what it turns on; the rank moves and wraps the model itself
+        train_module = ranks.wrap(model, extra)
+    optimizer = runtime.optimizer(_param_groups(modules, settings.weight_decay), lr=settings.lr)
+    scaler = runtime.grad_scaler()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, settings.warmup_ratio))
     if blob is not None:
         if ranks is None:
@@ -419,6 +440,8 @@ def train_loop(
         else:
             ranks.load_optimizer(optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if blob.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["torch_rng"])
         random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_gauss"]))
 
@@ -434,14 +457,15 @@ def train_loop(
     def save_checkpoint() -> None:
         if ranks is None:
             save_training_checkpoint(
-                checkpoint_dir, model=model, extra=extra, optimizer=optimizer, scheduler=scheduler, state=state, fingerprint=fingerprint
+                checkpoint_dir, model=model, extra=extra, optimizer=optimizer, scheduler=scheduler, state=state,
+                fingerprint=fingerprint, scaler=scaler,
             )
             return
         model_state, optimizer_state = ranks.model_state(model), ranks.optimizer_state(optimizer)
         if ranks.is_main:
             save_training_checkpoint(
                 checkpoint_dir, model=model, extra=extra, optimizer=optimizer, scheduler=scheduler, state=state,
-                fingerprint=fingerprint, model_state=model_state, optimizer_state=optimizer_state,
+                fingerprint=fingerprint, model_state=model_state, optimizer_state=optimizer_state, scaler=scaler,
             )
         ranks.barrier()
 
@@ -470,30 +494,29 @@ def train_loop(
         bar = tqdm(total=total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0)
 
     train_module.train()
-    order = epoch_order(n, seed, state.epoch)
+    order = epoch_batches(n, settings.batch_size, seed, state.epoch, lengths)
     while state.step < total_steps:
         if state.batch_in_epoch >= steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            order = epoch_order(n, seed, state.epoch)
-        start = state.batch_in_epoch * settings.batch_size
-        indices, weight = order[start : start + settings.batch_size], 1.0
+            order = epoch_batches(n, settings.batch_size, seed, state.epoch, lengths)
+        indices, weight = order[state.batch_in_epoch], 1.0
         if ranks is not None:
             indices, weight = ranks.shard(indices)
-        batch = collate([train_data[i] for i in indices])
-        if ranks is not None:
-            batch = ranks.to_device(batch)
+        batch = runtime.to_device(collate([train_data[i] for i in indices]))
 
         began = time.perf_counter()
-        loss, terms = loss_fn(train_module, batch)
+        with runtime.autocast():
+            loss, terms = loss_fn(train_module, batch)
         optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss if ranks is None else loss * weight).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
         if ranks is None:
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], settings.grad_clip)
         else:
-            (loss * weight).backward()
             ranks.average_extra_grads(extra)
             grad_norm = ranks.clip_grad_norm(modules, settings.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped when the gradients overflowed, and the scale lowered
+        scaler.update()
         scheduler.step()
         if ranks is not None:
             loss, terms = ranks.mean_terms(loss, terms, weight)
@@ -556,7 +579,7 @@ def task_loss(model: nn.Module | None = None) -> LossFn:
     from flexkd.losses import response_nll, task_ce
 
     def step(module: nn.Module, batch: dict):
-        logits = module(**_model_inputs(batch)).logits
+        logits = module(**_model_inputs(batch)).logits.float()  # the loss in float32 under autocast
         loss = task_ce(logits, batch["labels"]) if logits.dim() == 2 else response_nll(logits, batch["labels"])
         return loss, {"task": loss.detach(), "total": loss.detach()}
 

@@ -38,12 +38,13 @@ def evaluate_flow(params: str | None = None) -> dict:
     primary = cfg.evaluate.primary_metric
     order = [f"{s}/{m}" for s in cfg.distill.students for m in cfg.distill.methods]
     with tracking.stage_run("evaluate", project_root=paths.root, experiment=cfg.project.experiment,
-                            params={"evaluate": cfg.evaluate.model_dump(), "students": order}):
+                            params={"evaluate": cfg.evaluate.model_dump(), "students": order,
+                                    "runtime": task.runtime.describe()}):
         tokenizer = load_tokenizer(str(paths.teacher))
         outputs: dict[str, list[str] | None] = {}
 
         def score(directory, name):
-            model = task.load_model(str(directory))
+            model = task.load_model(str(directory)).to(task.runtime.device)  # evaluated under the runtime's autocast
             with resources.compute():
                 scores, predictions = task.test_scores(model, tokenizer, paths.prepared)
             outputs[name] = predictions

@@ -32,10 +32,11 @@ def finetune_teacher_flow(params: str | None = None) -> dict:
     tracking.check_reachable()
     teacher_cfg = cfg.teacher
     with tracking.stage_run("finetune_teacher", project_root=paths.root, experiment=cfg.project.experiment,
-                            params={"teacher": teacher_cfg.model_dump(), "seed": cfg.project.seed}):
+                            params={"teacher": teacher_cfg.model_dump(), "seed": cfg.project.seed,
+                                    "runtime": task.runtime.describe()}):
         data_fp = split_fingerprint(paths.prepared)
         tokenizer = load_tokenizer(teacher_cfg.model, trust_remote_code=teacher_cfg.trust_remote_code)
-        model = task.load_model(teacher_cfg.model, paths.prepared)
+        model = task.load_model(teacher_cfg.model, paths.prepared).to(task.runtime.device)
         collate = task.collate(tokenizer)
         validation = task.features(paths.prepared, "validation", tokenizer)
         metric = task.selection_metric
@@ -44,13 +45,13 @@ def finetune_teacher_flow(params: str | None = None) -> dict:
         if teacher_cfg.finetune.enabled:
             train = task.features(paths.prepared, "train", tokenizer)
             run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.generation.model_dump(),
-                                 cfg.project.seed, data_fp)
+                                 cfg.project.seed, data_fp, cfg.runtime_fingerprint())
             with resources.compute():
                 result = run_training(  # train_loop, under accelerate launch when num_processes > 1
                     model=model, loss_fn=task_loss(model), train_data=train, collate=collate,
                     settings=teacher_cfg.finetune, seed=cfg.project.seed, work_dir=paths.scratch("teacher", run_fp),
                     fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
-                    select_metric=metric, log=tracking.log_metrics, desc="teacher",
+                    select_metric=metric, log=tracking.log_metrics, desc="teacher", runtime=task.runtime,
                 )
             summary.update(best_step=result.state.best_step, steps=result.total_steps)
             timing = {"train_seconds": round(result.state.train_seconds, 2), "resumed_from": result.resumed_from}

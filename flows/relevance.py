@@ -30,7 +30,8 @@ def relevance_flow(params: str | None = None) -> dict:
     set_threads()
     tracking.setup(paths.root, cfg.project.experiment)
     with tracking.stage_run("relevance", project_root=paths.root, experiment=cfg.project.experiment,
-                            params={"relevance": cfg.relevance.model_dump(), "k": cfg.k}):
+                            params={"relevance": cfg.relevance.model_dump(), "k": cfg.k,
+                                    "runtime": task.runtime.describe()}):
         teacher_info = read_json(paths.teacher / "flexkd_teacher.json")
         teacher_hash = weights_hash(paths.teacher)
         if teacher_hash != teacher_info["weights_hash"]:
@@ -38,6 +39,9 @@ def relevance_flow(params: str | None = None) -> dict:
         data_fp = split_fingerprint(paths.prepared)
         tokenizer = load_tokenizer(str(paths.teacher))
         teacher = task.load_model(str(paths.teacher))
+        # on the device in the teacher's inference dtype; its parameters keep requires_grad (the scores are
+        # gradients with respect to its hidden states)
+        teacher.to(task.runtime.device, dtype=task.runtime.teacher_dtype)
         collate = task.collate(tokenizer)
         features = task.features(paths.prepared, "train", tokenizer, limit=cfg.relevance.n_examples)
         batches = (collate(features[i : i + cfg.relevance.batch_size]) for i in range(0, len(features), cfg.relevance.batch_size))

@@ -54,9 +54,9 @@ def teacher_cache_flow(params: str | None = None) -> dict:
     tracking.check_reachable()
     with tracking.stage_run("teacher_cache", project_root=paths.root, experiment=cfg.project.experiment,
                             params={"teacher_cache": ccfg.model_dump(), "teacher_top_k": cfg.distill.teacher_top_k,
-                                    "temperature": cfg.distill.temperature}):
+                                    "temperature": cfg.distill.temperature, "runtime": task.runtime.describe()}):
         tokenizer = load_tokenizer(str(paths.teacher))
-        teacher = task.load_model(str(paths.teacher))
+        teacher = task.runtime.frozen(task.load_model(str(paths.teacher)))  # on the device, in the teacher dtype
         train = task.features(paths.prepared, "train", tokenizer)
         index = RelevanceIndex.load(paths.relevance / "index.json")
         provenance = cache_provenance(paths, index, train)

@@ -213,8 +213,25 @@ def test_benchmark_measurements_run_on_the_project(project):
     from benchmarks.sanity import ablation
     from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
 
+    import flexkd.distill
+
     root, _ = project
-    steps = distill_step_times(root, rounds=2, warmup=1)
+    built, real = [], flexkd.distill.build_distill
+
+    def recording(cfg, paths, student, method, **kwargs):  # the benchmark times the stage's own set-up
+        setup = real(cfg, paths, student, method, **kwargs)
+        built.append((method, kwargs.get("teacher_source"), setup.teacher_outputs))
+        return setup
+
+    flexkd.distill.build_distill = recording
+    try:
+        steps = distill_step_times(root, rounds=2, warmup=1)
+    finally:
+        flexkd.distill.build_distill = real
+    assert ("flexkd", "cache", "cache") in built and ("kd", "online", "online") in built and ("ft", "online", "none") in built
+    padding = steps["padding"]
+    assert padding["grouped"]["real_tokens"] == padding["ungrouped"]["real_tokens"] > 0
+    assert padding["grouped"]["padded_tokens"] < padding["ungrouped"]["padded_tokens"]
     assert set(steps["median_step_seconds"]) == {"ft/online"} | {f"{m}/{s}" for m in METHODS[1:] for s in ("online", "cache")}
     assert steps["ratio_to_plain_step"]["ft/online"] == 1.0 and 0 < steps["flexkd_term_share"] < 1
     assert set(steps["cached_over_online"]) == set(METHODS[1:])

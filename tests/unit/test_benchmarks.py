@@ -141,7 +141,10 @@ def speed(relevance_ratio=1.21, term_share=0.013, flexkd_online=2.37, flexkd_cac
         "distill_steps": {"student": "random", "batch_size": 8, "rounds": 3,
                           "ratio_to_plain_step": {"ft/online": 1.0, "flexkd/online": flexkd_online,
                                                   "flexkd/cache": flexkd_cache},
-                          "cached_over_online": {"flexkd": cached_over_online}, "flexkd_term_share": term_share},
+                          "cached_over_online": {"flexkd": cached_over_online}, "flexkd_term_share": term_share,
+                          "padding": {"grouped": {"real_tokens": 54536, "padded_tokens": 60000, "padding_tokens": 5464},
+                                      "ungrouped": {"real_tokens": 54536, "padded_tokens": 121224,
+                                                    "padding_tokens": 66688}}},
         "cache_sizes": {"selected": {"bytes": 3 * 2**20, "columns": 4, "positions": 12345},
                         "full": {"bytes": 12 * 2**20, "columns": 16, "positions": 12345}, "selected_over_full": 0.25},
     }
@@ -232,6 +235,8 @@ def test_report_speed_section_follows_the_measured_ratios(fast):
     assert "| ft | 1.00 |  |  |" in text  # ft has no cached variant
     assert (f"| flexkd | {ratios['flexkd/online']:.2f} | {ratios['flexkd/cache']:.2f} | "
             f"{steps['cached_over_online']['flexkd']:.2f} |") in text
+    assert (f"54,536 real tokens; padded to 121,224 in permutation order, 60,000 with length-grouped batches "
+            f"(runtime.group_by_length): **{121224 / 60000:.2f}x** fewer") in text
     share = steps["flexkd_term_share"]
     assert f"**{share:.1%}** of a flexkd step (teacher online), {'met' if share <= 0.05 else 'NOT met'} (goal ≤ 5%)" in text
     sizes = section["cache_sizes"]

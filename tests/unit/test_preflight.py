@@ -54,7 +54,7 @@ def project(tmp_path, models):
             node = params
             *parents, last = dotted.split(".")
             for key in parents:
-                node = node[key]
+                node = node.setdefault(key, {})
             node[last] = value
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return root
@@ -108,6 +108,10 @@ SCHEMA_CASES = {  # flexkd.config: the message names params.yaml, then the key
     "zero batch": ({"distill.train.batch_size": 0}, ConfigError, "distill.train.batch_size", "greater than 0 (got 0)"),
 }
 PREFLIGHT_CASES = {  # flexkd.preflight: the message starts with the key
+    "a device the machine lacks": ({"runtime.device": "cuda:99"}, ConfigError, "runtime.device",
+                                   ("'cuda:99' is not on this machine", "'auto'")),
+    "fp16 on the CPU": ({"runtime.device": "cpu", "runtime.precision": "fp16"}, ConfigError, "runtime.precision",
+                        "needs a CUDA device"),
     "k > d_T": ({"students.random.hidden_size": 64, "students.pruned.hidden_size": 64}, ConfigError,
                 "students.random.hidden_size", ("64 is more than the teacher's hidden size d_T = 32", "so k <= d_T")),
     "missing data dir": ({"data.data_dir": "/nonexistent/flexkd-data"}, DataError, "data.data_dir",
@@ -168,6 +172,17 @@ def test_distill_stage_checks_too_before_loading_anything(project, tripwires, mo
     monkeypatch.setenv("FLEXKD_PROJECT_ROOT", str(root))
     with pytest.raises(ConfigError, match="students.random.hidden_size: 48 is more than the teacher's hidden size"):
         distill_flow.fn(student="random", method="flexkd")
+    assert tripwires == []
+
+
+def test_a_stage_refuses_a_device_it_cannot_use_before_loading_anything(project, tripwires, monkeypatch):
+    """Each stage (here the teacher's fine-tuning, run on its own) checks runtime.device first."""
+    from flows.finetune_teacher import finetune_teacher_flow
+
+    root = project(**{"runtime.device": "cuda:99"})
+    monkeypatch.setenv("FLEXKD_PROJECT_ROOT", str(root))
+    with pytest.raises(ConfigError, match=r"^runtime.device: 'cuda:99' is not on this machine"):
+        finetune_teacher_flow.fn()
     assert tripwires == []
 
 

@@ -1,0 +1,193 @@
+"""The distillation set-up of one (student, method): what the distill stage trains and the speed benchmark times.
+
+:func:`build_distill` makes every decision once: the student's unit order (a pruned student's unit i is teacher
+unit sorted(S)[i]), the pruning calibration batches, the vocabulary and width checks, the objective with every
+``distill`` knob (alpha and feature weight per student, the logit loss and its beta / skew, Barlow's off-diagonal
+weight, the generation top-k), and whether the teacher's outputs come from the teacher cache or from the teacher
+running online in each step. Models are placed by the runtime: the student on its device in float32 (trained
+under autocast), the teacher frozen in the runtime's teacher dtype; the student is built from the teacher's
+float32 weights before the teacher is cast.
+
+``flows/distill.py`` trains the returned set-up; ``benchmarks/speed.py`` times its steps: one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from flexkd.config import FlexKDConfig, TrainConfig
+from flexkd.errors import ConfigError, ProvenanceError
+from flexkd.runtime import Runtime
+
+TEACHER_SOURCES = ("auto", "online", "cache")
+
+
+@dataclass
+class DistillSetup:
+    student_name: str
+    method: str
+    model: nn.Module  # the student, on the runtime's device
+    objective: nn.Module  # DistillObjective (its projector, if any, is trained too: ``extra``)
+    loss_fn: Callable  # loss_fn(module, batch) -> (loss, terms)
+    train_data: list  # features (indexed into the cache when the teacher is cached)
+    collate: Callable  # for train_data
+    eval_collate: Callable  # for plain features (validation, test)
+    units: list[int]  # teacher units paired with student units 0..k-1
+    teacher_outputs: str  # "cache" | "online" | "none"
+    alpha: float
+    beta: float
+    settings: TrainConfig  # distill.train with this student's lr
+    params: dict[str, Any]  # what the run depends on (MLflow params, fingerprint)
+    runtime: Runtime
+    teacher: nn.Module | None = None  # the frozen teacher when it runs online
+    cache: Any = None  # the TeacherCache when it serves the method
+    pruning: dict | None = None
+    tokenizer: Any = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # hashes of teacher, data, index, cache files
+
+    @property
+    def extra(self) -> nn.Module | None:
+        """The objective when it has parameters of its own (the projector): trained with the student."""
+        return self.objective if any(True for _ in self.objective.parameters()) else None
+
+
+def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: list[int], *, teacher_hash: str,
+               data_fp: str, index_hash: str, required: bool = True):
+    """The teacher cache when it is enabled and can serve ``method`` (else None: the teacher runs online).
+
+    A cache made from other inputs (teacher, data, relevance index, tokenisation, temperature, top-k) or a
+    corrupted one is refused with a ProvenanceError, never silently replaced by the online teacher.
+    """
+    from flexkd.cache import TeacherCache, cache_enabled, features_hash
+
+    if method == "ft":
+        return None
+    if not cache_enabled(cache_dir):
+        if not required:
+            return None
+        raise ProvenanceError(f"{cache_dir}: teacher_cache.enabled is true but the cache was not built; "
+                              "run the teacher_cache stage (dvc repro does it)")
+    cache = TeacherCache.load(cache_dir)
+    cache.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, relevance_index_hash=index_hash,
+                 features_hash=features_hash(train), temperature=cfg.distill.temperature if cache.generation else None,
+                 top_k=cfg.distill.teacher_top_k if cache.generation else None)
+    needed = {"flexkd": units, "kd": None}.get(method, list(range(cache.meta["d_teacher"])))
+    if not cache.serves(needed):
+        print(f"teacher cache holds {cache.width} of {cache.meta['d_teacher']} teacher units; {method} compares all of them, "
+              "so it runs the teacher online (teacher_cache.features: full serves it)")
+        return None
+    return cache
+
+
+def stage_params(cfg: FlexKDConfig, student: str, method: str) -> dict[str, Any]:
+    """The settings one distill run depends on (logged to MLflow; part of its checkpoint fingerprint)."""
+    dcfg, scfg = cfg.distill, cfg.student(student)
+    weights = scfg.feature_weight or dcfg.feature_weight
+    params = {"student_name": student, "method": method, "distill": dcfg.model_dump(), "student": scfg.model_dump(),
+              "alpha": scfg.alpha if scfg.alpha is not None else dcfg.alpha, "beta": getattr(weights, method, 0.0),
+              "lr": scfg.lr if scfg.lr is not None else dcfg.train.lr, "seed": cfg.project.seed,
+              "runtime": cfg.runtime_fingerprint()}
+    if cfg.data.is_generation:
+        params["generation"] = cfg.generation.model_dump()
+    return params
+
+
+def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtime: Runtime | None = None,
+                  teacher_source: str = "auto", task=None, train=None, seed: int | None = None) -> DistillSetup:
+    """Everything one distill run trains, from the project's artifacts.
+
+    ``paths``: the project's directories (``teacher``, ``relevance``, ``prepared``, ``teacher_cache``; see
+    ``flows.common.Paths``). ``teacher_source``: auto (the cache when ``teacher_cache.enabled`` and it serves the
+    method, else online), online, or cache (the cache if it serves the method). ``train``: the tokenised
+    training split when the caller has it already. ``seed``: the student's init seed (default project.seed).
+    """
+    from flexkd.cache import IndexedCollate, cached_distillation_loss
+    from flexkd.config import METHODS
+    from flexkd.data.prepare import split_fingerprint
+    from flexkd.losses import build_objective
+    from flexkd.models import hidden_size, load_tokenizer
+    from flexkd.provenance import weights_hash
+    from flexkd.relevance import RelevanceIndex
+    from flexkd.tasks import task_for
+    from flexkd.train import distillation_loss
+
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r}: unknown; valid: {list(METHODS)}")
+    if student not in cfg.students:
+        raise ConfigError(f"student {student!r} is not defined under students ({sorted(cfg.students)})")
+    if teacher_source not in TEACHER_SOURCES:
+        raise ValueError(f"teacher_source {teacher_source!r}: one of {TEACHER_SOURCES}")
+    task = task or task_for(cfg)
+    runtime = runtime or task.runtime
+    dcfg, scfg = cfg.distill, cfg.student(student)
+    params = stage_params(cfg, student, method)
+    settings = dcfg.train.model_copy(update={"lr": scfg.lr}) if scfg.lr is not None else dcfg.train
+
+    data_fp = split_fingerprint(paths.prepared)
+    teacher_hash = weights_hash(paths.teacher)
+    tokenizer = load_tokenizer(str(paths.teacher))
+    teacher = task.load_model(str(paths.teacher))
+    index = RelevanceIndex.load(Path(paths.relevance) / "index.json")
+    index.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, method=cfg.relevance.method, k=scfg.hidden_size)
+    # A pruned student's unit i is teacher unit sorted(S)[i]: pair them in that order.
+    units = sorted(index.indices) if scfg.init == "prune" else list(index.indices)
+
+    collate = task.collate(tokenizer)
+    train = train if train is not None else task.features(paths.prepared, "train", tokenizer)
+    # the student comes from the teacher's float32 weights (a pruned one is a slice of them), on the device
+    teacher.to(runtime.device)
+    calibration = ([runtime.to_device(collate(train[i : i + 16])) for i in range(0, min(len(train), 128), 16)]
+                   if scfg.init == "prune" else None)  # activation importance for pruning only
+    model, pruning = task.build_student(teacher, scfg, seed=cfg.project.seed if seed is None else seed,
+                                        selected_units=units, calibration=calibration)
+    del calibration
+    if model.config.vocab_size != teacher.config.vocab_size and not task.is_generation:
+        raise ConfigError(
+            f"student vocabulary ({model.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size}): "
+            "they must share the tokenizer"
+        )
+    if hidden_size(model) != scfg.hidden_size:
+        raise ConfigError(f"students.{student}: the model's hidden size {hidden_size(model)} is not hidden_size {scfg.hidden_size}")
+    model.to(runtime.device, dtype=torch.float32)
+
+    alpha, beta = params["alpha"], params["beta"]
+    objective_args = dict(
+        alpha=alpha, temperature=dcfg.temperature, feature_weight=beta, flexkd_kind=dcfg.flexkd_loss,
+        barlow_lambda_off=dcfg.barlow_lambda_off, student_hidden=hidden_size(model), logit_loss=dcfg.logit_loss,
+        jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha,
+        shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,
+    )
+    cache = None
+    if teacher_source == "cache" or (teacher_source == "auto" and cfg.teacher_cache.enabled):
+        cache = open_cache(cfg, Path(paths.teacher_cache), train, method, units, teacher_hash=teacher_hash,
+                           data_fp=data_fp, index_hash=index.content_hash(), required=teacher_source == "auto")
+    if cache is None:  # the teacher runs online, inside every step
+        objective = build_objective(method, teacher_hidden=hidden_size(teacher),
+                                    selected_units=units if method == "flexkd" else None, **objective_args)
+        online = teacher if objective.needs_teacher else None
+        if online is not None:
+            runtime.frozen(online)
+        loss_fn = distillation_loss(model, online, objective, task.feature_mask)
+        train_data, train_collate = train, collate
+        outputs = "online" if online is not None else "none"
+    else:  # the same objective over the cached columns: Flex-KD's pairing is remapped into the cache
+        objective = build_objective(method, teacher_hidden=cache.width if cache.width else hidden_size(teacher),
+                                    selected_units=cache.positions(units) if method == "flexkd" else None, **objective_args)
+        loss_fn = cached_distillation_loss(cache, objective, task.feature_mask,
+                                           vocab=len(tokenizer) if task.is_generation else None)
+        train_data, train_collate = IndexedCollate.index(train), IndexedCollate(collate)
+        online, outputs = None, "cache"
+    objective.to(runtime.device)
+    provenance = {"data_fingerprint": data_fp, "teacher_weights_hash": teacher_hash,
+                  "relevance_index_hash": index.content_hash(), "cache_files": cache.meta["files"] if cache is not None else None}
+    return DistillSetup(
+        student_name=student, method=method, model=model, objective=objective, loss_fn=loss_fn, train_data=train_data,
+        collate=train_collate, eval_collate=collate, units=units, teacher_outputs=outputs, alpha=alpha, beta=beta,
+        settings=settings, params=params, runtime=runtime, teacher=online, cache=cache, pruning=pruning,
+        tokenizer=tokenizer, provenance=provenance,
+    )
