@@ -71,7 +71,7 @@ def benchmark_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (4
             "cache_sizes": cache_sizes(first),
         }
     results = {"machine": machine(), "profiles": list(profiles), "seeds": list(seeds), "overrides": overrides or {},
-               "quality": quality, "speed": speed}
+               "quality": quality, "speed": speed, **runtime_sections()}
     out = Path(output) if output else REPO
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks").mkdir(exist_ok=True)
@@ -81,7 +81,44 @@ def benchmark_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (4
     return results
 
 
+def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
+    """The runtime benchmark (``python -m benchmarks.runtime``: benchmarks/runtime.json) and the device check
+    (``python -m benchmarks.device_check``: benchmarks/device_check.json) when they have been run."""
+    out = {}
+    for key, name in (("runtime", "runtime.json"), ("device_check", "device_check.json")):
+        path = directory / name
+        if path.exists():
+            out[key] = json.loads(path.read_text())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
+def render_runtime(results: dict) -> list[str]:
+    lines = ["## Runtime: device, precision, batches", ""]
+    runtime = results.get("runtime")
+    if runtime:
+        from benchmarks.runtime import render as render_table
+
+        m = runtime["machine"]
+        lines += [f"`python -m benchmarks.runtime` ({m['date']}, {m['cpu']}, {m['cores']} cores): the default run's "
+                  f"teacher and distill stages ({', '.join(f'{s}/{x}' for s in runtime['students'] for x in runtime['methods'])}) "
+                  "through `flexkd.stages`, seed by seed under each runtime: "
+                  + "; ".join(f"`{name}` = " + ", ".join(f"{key.split('.')[-1]}: {value}" for key, value in keys.items())
+                              for name, keys in runtime["configs"].items()) + ".", ""]
+        lines += render_table(runtime["summary"], runtime.get("bf16_probe")).splitlines()
+        lines.append("")
+    check = results.get("device_check")
+    if check and not check.get("tiny"):
+        from benchmarks.device_check import render as render_check
+
+        lines += ["`python -m benchmarks.device_check`:", ""] + render_check(check).splitlines() + [""]
+    else:
+        lines += ["Device check on a GPU (`python -m benchmarks.device_check`): **not run yet**: no GPU has been lent to "
+                  "this project's sessions so far. Its CPU form (`--device cpu --tiny`) runs in the test suite "
+                  "(tests/integration/test_device_check.py).", ""]
+    return lines
+
+
 def _pm(stats: dict, scale: float = 1.0) -> str:
     return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
 
@@ -190,7 +227,8 @@ def render(results: dict) -> str:
               "| stage run | peak RSS (MiB) | compute (s) | stage (s) |", "|---|---:|---:|---:|"]
     for name, stage in stages.items():
         lines.append(f"| {name} | {stage['peak_rss_mb']:.0f} | {stage['compute_seconds']:.1f} | {stage['stage_seconds']:.1f} |")
-    lines += ["", "## Quality", ""]
+    lines += [""] + render_runtime(results)
+    lines += ["## Quality", ""]
     for name, block in results["quality"].items():
         quality = block["quality"]
         metric = quality["primary_metric"]
@@ -230,9 +268,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a param in every run (YAML value), e.g. --set distill.train.epochs=1")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the step-time benchmark")
     parser.add_argument("--output", default=None, help="where BENCHMARKS.md goes (default: the repository)")
+    parser.add_argument("--render-from", default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: write BENCHMARKS.md from an earlier results.json, with the runtime "
+                        "benchmark and device check sections of benchmarks/")
     parser.add_argument("--speed-from", default=None, metavar="RESULTS_JSON",
                         help="reuse the speed section of an earlier results.json (measured on the same first workspace)")
     args = parser.parse_args(argv)
+    if args.render_from:
+        results = {**json.loads(Path(args.render_from).read_text()), **runtime_sections()}
+        out = Path(args.output) if args.output else REPO
+        (out / "BENCHMARKS.md").write_text(render(results))
+        print(f"wrote {out / 'BENCHMARKS.md'} from {args.render_from}")
+        return 0
     from flows.pipeline import parse_set
 
     overrides = parse_set(args.set)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -337,7 +337,8 @@ class RuntimeConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="What trained models compute in: float32 master weights, forward passes under autocast in "
         "bf16 or fp16 (fp16 with loss scaling, CUDA only). auto: bf16 on a CUDA device that supports it (else fp16), "
-        "fp32 on the CPU (bf16 there only once measured to keep accuracy: see BENCHMARKS.md).",
+        "fp32 on the CPU (bf16 autocast is only fast on CPUs with AVX512-BF16 or AMX, and only once measured to keep "
+        "accuracy: see BENCHMARKS.md).",
     )
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Dtype the frozen teacher is cast to for inference (relevance scoring, teacher cache, the "
@@ -351,11 +352,15 @@ class RuntimeConfig(_Strict):
         False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).",
     )
     compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
+    fused_optimizer: bool = Field(
+        True, description="AdamW's fused kernel (one pass over the parameters, CPU and CUDA) instead of the foreach "
+        "one: a small student's optimizer step on the CPU takes 8 ms instead of about 50 ms.",
+    )
 
 
 # RuntimeConfig keys that change where a run executes, not what it computes (beyond rounding): left out of
 # run fingerprints like num_processes.
-RUNTIME_EXECUTION_ONLY_KEYS = frozenset({"device", "gradient_checkpointing", "compile"})
+RUNTIME_EXECUTION_ONLY_KEYS = frozenset({"device", "gradient_checkpointing", "compile", "fused_optimizer"})
 
 
 class FlexKDConfig(_Strict):
@@ -422,6 +427,23 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key (check the spelling; see flexkd/config.py for the schema)"
         lines.append(f"  - {key}: {msg}" + (f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and not isinstance(item.get("input"), dict) else ""))
     return "\n".join(lines)
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set a dotted key (``distill.train.epochs``) in a params tree, creating groups; parse_config checks it."""
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or any(not part.strip() for part in parts):
+        raise ConfigError(f"overrides: {key!r} is not a dotted parameter key such as 'distill.train.epochs'")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, Mapping) else None
+        if child is None:
+            node[part] = child = {}  # an unknown group: parse_config names it below
+        if not isinstance(child, Mapping):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"overrides: {key}: {where} is a value ({child!r}), not a group of parameters")
+        node = child
+    node[parts[-1]] = value
 
 
 def parse_config(raw: dict[str, Any], source: str = "params") -> FlexKDConfig:

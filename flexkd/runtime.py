@@ -69,6 +69,14 @@ def resolve_device(setting: str, *, local_rank: int | None = None) -> torch.devi
     raise ConfigError(f"runtime.device: {setting!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def resolve_precision(setting: str, device: torch.device) -> str:
     """``runtime.precision`` for this device: fp32, bf16 or fp16."""
     if setting == "auto":
@@ -78,6 +86,12 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if setting == "fp16" and device.type != "cuda":
         raise ConfigError("runtime.precision: 'fp16' needs a CUDA device (it relies on loss scaling there); "
                           "on the CPU use 'bf16' or 'fp32'.")
+    if setting == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        import warnings
+
+        warnings.warn("runtime.precision: 'bf16' on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): "
+                      "oneDNN emulates it and a training step is many times slower than in fp32 (about 20x on the "
+                      "AVX2 CPU of BENCHMARKS.md); 'auto' keeps fp32 here", stacklevel=2)
     if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"runtime.precision: 'bf16' is not supported here: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "use 'fp16' or 'auto'.")
@@ -96,6 +110,7 @@ class Runtime:
     group_by_length: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
+    fused_optimizer: bool = True
 
     @property
     def is_cuda(self) -> bool:
@@ -160,8 +175,16 @@ class Runtime:
         return model
 
     def optimizer(self, param_groups: list[dict], lr: float) -> torch.optim.Optimizer:
-        """AdamW; the fused CUDA kernel on a GPU."""
-        fused = self.is_cuda and all(p.is_cuda and p.dtype == torch.float32 for g in param_groups for p in g["params"])
+        """AdamW with the fused kernel (one pass over every parameter: on a CPU a 4x192 student's step spends
+        45-55 ms in the foreach AdamW and 8 ms in the fused one, BENCHMARKS.md), when every parameter is a float32
+        tensor on this run's device."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for g in param_groups for p in g["params"]]
+        # FSDP-sharded parameters (DTensors) take the foreach kernel: the fused one refuses the mix of sharded
+        # parameters and its plain step tensors
+        fused = self.fused_optimizer and self.device.type in ("cpu", "cuda") and all(
+            p.device.type == self.device.type and p.dtype == torch.float32 and not isinstance(p, DTensor) for p in params)
         return torch.optim.AdamW(param_groups, lr=lr, fused=fused or None)
 
     def describe(self) -> dict[str, str]:
@@ -170,7 +193,8 @@ class Runtime:
         return {"device": str(self.device), "device_name": name, "precision": self.precision,
                 "teacher_dtype": str(self.teacher_dtype).replace("torch.", ""),
                 "group_by_length": str(self.group_by_length).lower(),
-                "gradient_checkpointing": str(self.gradient_checkpointing).lower(), "compile": str(self.compile).lower()}
+                "gradient_checkpointing": str(self.gradient_checkpointing).lower(), "compile": str(self.compile).lower(),
+                "fused_optimizer": str(self.fused_optimizer).lower()}
 
 
 def resolve(settings=None, *, local_rank: int | None = None) -> Runtime:
@@ -192,7 +216,7 @@ def resolve(settings=None, *, local_rank: int | None = None) -> Runtime:
         torch.cuda.set_device(device)
     return Runtime(device=device, precision=precision, teacher_dtype=teacher_dtype,
                    group_by_length=settings.group_by_length, gradient_checkpointing=settings.gradient_checkpointing,
-                   compile=settings.compile)
+                   compile=settings.compile, fused_optimizer=settings.fused_optimizer)
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None,

@@ -210,6 +210,26 @@ class _Ranks:
       dropout a run matches the one-process run in distribution, not in value.
     - Checkpoints hold the unwrapped model (FSDP: gathered to rank 0) and the optimizer state in the
       one-process layout; the RNG state saved is rank 0's and every rank restores it.
+
+    Why accelerate's ``PartialState`` (process group, device, barrier) and ``accelerate launch``, and not the
+    whole ``Accelerator`` (prepare / backward / clip / save_state), measured against what this loop guarantees:
+
+    - Exact resume across process counts. ``Accelerator.save_state`` writes one RNG file per rank and the
+      optimizer and sampler state of *this* world size; a run checkpointed with 2 processes cannot resume with 1
+      or 4 to the same weights. Here the batch plan is a pure function of (seed, epoch, lengths)
+      (:func:`flexkd.runtime.batches`), the checkpoint is in the one-process layout, and
+      tests/unit/test_distributed.py resumes a 2-rank run in 1 process (and the reverse) to identical weights.
+    - The global batch is the unit: ``batch_size`` means the same optimisation at any process count, split
+      into per-rank shares with loss weights (unequal last batches included). ``prepare(dataloader)`` splits
+      per-process batches and pads or drops the uneven end (``even_batches``), which changes the examples seen.
+    - Length-grouped batches are planned globally, before sharding; accelerate's samplers shard first.
+    - Precision: :class:`flexkd.runtime.Runtime` gives autocast, the fp16 grad scaler and the frozen teacher's
+      dtype in one place for the one-process loop, the multi-process loop, relevance scoring, the teacher cache
+      and evaluation; ``Accelerator(mixed_precision=...)`` covers only what is ``prepare``-d (not the frozen
+      teacher in the loss closure, nor the stages that do not train), so the launcher passes
+      ``--mixed_precision no`` and the runtime decides.
+    - What Accelerator would add (DeepSpeed, TPU, gradient accumulation) no profile uses; FSDP2 is
+      ``fully_shard`` here directly.
     """
 
     def __init__(self, settings: TrainConfig, model: nn.Module, runtime: Runtime):
@@ -435,10 +455,13 @@ def train_loop(
     scaler = runtime.grad_scaler()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, settings.warmup_ratio))
     if blob is not None:
+        kernel = {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
         if ranks is None:
             optimizer.load_state_dict(blob["optimizer"])
         else:
             ranks.load_optimizer(optimizer, blob["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry the writer's kernel; keep this run's
+            group.update(kernel)
         scheduler.load_state_dict(blob["scheduler"])
         if blob.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(blob["scaler"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import fingerprint, load_params, paths_for, preflight, read_json, run_cli, write_json
+from flows.common import load_params, paths_for, preflight, read_json, run_cli, write_json
 
 
 def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
@@ -47,13 +47,10 @@ def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
 
 @flow(name="flexkd-distill", log_prints=True)
 def distill_flow(student: str, method: str, params: str | None = None) -> dict:
-    from flexkd import resources, tracking
+    from flexkd import stages, tracking
     from flexkd.config import METHODS
-    from flexkd.distill import build_distill, stage_params
+    from flexkd.distill import stage_params
     from flexkd.errors import ConfigError, FlexKDError
-    from flexkd.launch import run_training
-    from flexkd.models import count_parameters, save_checkpoint
-    from flexkd.provenance import weights_hash
     from flexkd.tasks import task_for
     from flexkd.train import set_threads
 
@@ -75,44 +72,11 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
     with tracking.stage_run(f"distill-{student}", project_root=paths.root, experiment=cfg.project.experiment,
                             params=params_logged, tags={"flexkd.method": method, "flexkd.student": student},
                             run_name=f"distill-{student}-{method}") as run:
-        setup = build_distill(cfg, paths, student, method, task=task)  # the library's one set-up (flexkd.distill)
-        model, provenance = setup.model, setup.provenance
-        validation = task.features(paths.prepared, "validation", setup.tokenizer)
-        tracking.set_tags({"flexkd.teacher_outputs": setup.teacher_outputs})
-        run_fp = fingerprint("distill", setup.params, provenance["data_fingerprint"], provenance["teacher_weights_hash"],
-                             provenance["relevance_index_hash"], provenance["cache_files"])
-        metric = task.selection_metric
-        with resources.compute():
-            result = run_training(  # train_loop, under accelerate launch when num_processes > 1
-                model=model, loss_fn=setup.loss_fn, extra=setup.extra, train_data=setup.train_data,
-                collate=setup.collate, settings=setup.settings, seed=cfg.project.seed,
-                work_dir=paths.scratch(f"distill-{student}-{method}", run_fp), fingerprint=run_fp,
-                evaluate=lambda m: task.validation_scores(m, validation, setup.eval_collate),
-                select_metric=metric, log=tracking.log_metrics, desc=f"distill {student}/{method}", runtime=task.runtime,
-            )
-        scores = task.validation_scores(model, validation, setup.eval_collate)
-        out_dir = save_checkpoint(model, setup.tokenizer, paths.student(student, method))  # on disk before any MLflow call
-        summary = {
-            "student": student, "method": method, "init": cfg.student(student).init, "run_id": run.info.run_id,
-            "parameters": count_parameters(model), "train_seconds": round(result.state.train_seconds, 2),
-            "steps": result.total_steps, "best_step": result.state.best_step, "resumed_from": result.resumed_from,
-            "validation": scores, "alpha": setup.alpha, "beta": setup.beta, "weights_hash": weights_hash(out_dir),
-            "teacher_weights_hash": provenance["teacher_weights_hash"],
-            "relevance_index_hash": provenance["relevance_index_hash"], "data_fingerprint": provenance["data_fingerprint"],
-            "teacher_outputs": setup.teacher_outputs,
-            "teacher_cache_bytes": setup.cache.meta["bytes"] if setup.cache is not None else None,
-            "runtime": task.runtime.describe(),
-        }
-        if setup.pruning is not None:
-            summary["pruning"] = setup.pruning
-        summary["model_uri"] = None  # the student is complete on disk first: an MLflow failure now loses nothing
-        write_json(out_dir / "flexkd_student.json", summary)
-        write_json(paths.distill_metrics(student, method), {
-            "validation": scores, "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
-            "steps": summary["steps"], "teacher_outputs": summary["teacher_outputs"],
-        })
+        out = stages.distill(cfg, paths, task, student, method, log=tracking.log_metrics, run_id=run.info.run_id,
+                             on_setup=lambda setup: tracking.set_tags({"flexkd.teacher_outputs": setup.teacher_outputs}))
+        summary, out_dir = out["summary"], out["out_dir"]
         try:
-            tracking.log_metrics({f"best_validation/{k}": v for k, v in scores.items()})
+            tracking.log_metrics({f"best_validation/{k}": v for k, v in out["scores"].items()})
             summary["model_uri"] = task.log_model(tracking, out_dir, paths.prepared, name=f"{student}-{method}")
         except Exception as err:  # noqa: BLE001 - whatever MLflow raised, say where the student is
             message = (f"{student}/{method}: the trained student is saved in {out_dir}, but logging it to MLflow failed "
@@ -121,7 +85,6 @@ def distill_flow(student: str, method: str, params: str | None = None) -> dict:
             print(f"\nflexkd: {message}\n")
             raise FlexKDError(message) from err
         write_json(out_dir / "flexkd_student.json", summary)
-        print(f"{student}/{method}: validation {metric} {scores[metric]:.4f} in {summary['train_seconds']:.0f}s of training")
     return summary
 
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from prefect import flow
 
+from flexkd.config import set_dotted  # noqa: F401 - the override engine, re-exported for the flows
 from flows.common import load_params, paths_for, preflight, project_root
 
 
@@ -66,24 +67,6 @@ def _flow_style(value: Any) -> Any:
         seq.fa.set_flow_style()
         return seq
     return value
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    from flexkd.errors import ConfigError
-
-    parts = key.split(".") if isinstance(key, str) else []
-    if not parts or any(not part.strip() for part in parts):
-        raise ConfigError(f"overrides: {key!r} is not a dotted parameter key such as 'distill.train.epochs'")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part) if isinstance(node, Mapping) else None
-        if child is None:
-            node[part] = child = {}  # an unknown group: parse_config names it below
-        if not isinstance(child, Mapping):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"overrides: {key}: {where} is a value ({child!r}), not a group of parameters")
-        node = child
-    node[parts[-1]] = value
 
 
 def apply_profile_and_overrides(root: Path, profile: str | None = None,

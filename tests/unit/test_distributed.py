@@ -151,7 +151,10 @@ def test_resume_across_process_counts(one_process, tmp_path):
     assert difference < ATOL
     # the sharded ranks wrote the optimizer state in the one-process layout, with the same values
     mine, ref = optimizer_state(tmp_path / "b"), optimizer_state(ref_result.model_dir.parents[1])
-    assert mine["param_groups"] == ref["param_groups"] and mine["state"].keys() == ref["state"].keys()
+    def groups(state):  # which AdamW kernel ran (fused, or foreach for sharded parameters) is not the state
+        return [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in state["param_groups"]]
+
+    assert groups(mine) == groups(ref) and mine["state"].keys() == ref["state"].keys()
     for index, values in ref["state"].items():
         for key, value in values.items():
             assert torch.allclose(mine["state"][index][key], value, rtol=1e-3, atol=1e-9), (index, key)

@@ -217,3 +217,22 @@ def test_sample_table():
     assert table["student"].tolist() == ["v", "w", "x"]
     with pytest.raises(ConfigError, match="'student' has 2 predictions"):
         sample_table(records, {"student": ["a", "b"]}, n=3)
+
+
+def test_rouge_l_without_rouge_score_is_rouge_scores_unstemmed_lcs(data_dir):
+    """A bare GPU image has no rouge-score: the fallback equals rouge-score without stemming on real text."""
+    import json
+
+    from rouge_score import rouge_scorer
+
+    from flexkd.generate import _LcsRougeL
+
+    records = json.loads((data_dir / "alpaca_5k" / "alpaca_data_first5k.json").read_text())[:40]
+    unstemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    fallback = _LcsRougeL()
+    pairs = [(a["output"], b["output"]) for a, b in zip(records, records[1:])] + [(r["output"], r["instruction"]) for r in records]
+    for reference, prediction in pairs:
+        expected = unstemmed.score(reference, prediction)["rougeL"].fmeasure
+        assert fallback.score(reference, prediction)["rougeL"].fmeasure == pytest.approx(expected, abs=1e-12)
+    assert fallback.score("the cat", "")["rougeL"].fmeasure == 0.0
+    assert fallback.score("the cat sat", "the cat sat")["rougeL"].fmeasure == 1.0

@@ -45,6 +45,7 @@ def test_cuda_devices_are_counted_and_ranks_get_their_own(monkeypatch):
 def test_precision_auto_is_fp32_on_the_cpu_and_bf16_or_fp16_on_cuda(monkeypatch):
     cpu = torch.device("cpu")
     assert rt.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)
     assert rt.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="runtime.precision: 'fp16' needs a CUDA device"):
         rt.resolve_precision("fp16", cpu)
@@ -54,6 +55,26 @@ def test_precision_auto_is_fp32_on_the_cpu_and_bf16_or_fp16_on_cuda(monkeypatch)
     assert rt.resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
     with pytest.raises(ConfigError, match="no bfloat16 support"):
         rt.resolve_precision("bf16", torch.device("cuda", 0))
+
+
+def test_bf16_on_a_cpu_without_bfloat16_instructions_warns_that_it_is_slow(monkeypatch):
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without bfloat16 instructions.*'auto' keeps fp32"):
+        assert rt.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # still honoured: the user asked for it
+    assert rt.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_the_optimizer_is_fused_adamw_for_float32_parameters_on_the_device():
+    model = torch.nn.Linear(4, 2)
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
+    optimizer = rt.Runtime().optimizer(groups, lr=0.1)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    before = model.weight.detach().clone()
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()  # the fused CPU kernel runs and moves the weights
+    assert not torch.equal(before, model.weight)
+    half = torch.nn.Linear(4, 2).to(torch.bfloat16)  # not float32: the plain kernel
+    assert not rt.Runtime().optimizer([{"params": list(half.parameters())}], lr=0.1).defaults["fused"]
 
 
 def test_teacher_dtype_follows_precision_on_cuda_only(monkeypatch):
