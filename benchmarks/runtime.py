@@ -187,7 +187,8 @@ def render(summary: dict, probe: dict | None = None) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     pm = lambda s, scale=100.0: f"{s['mean'] * scale:.2f} ± {s['std'] * scale:.2f}"  # noqa: E731
     def delta(row, config, split):
-        return "" if config == base else f"{row[f'{split}_minus_baseline']['mean'] * 100:+.2f}"
+        diff = row[f"{split}_minus_baseline"]
+        return "" if config == base else f"{diff['mean'] * 100:+.2f} ± {diff['std'] * 100:.2f}"
 
     for model, rows in summary["models"].items():
         for config, row in rows.items():
@@ -200,7 +201,11 @@ def render(summary: dict, probe: dict | None = None) -> str:
         lines += ["", f"bf16 autocast on this CPU ({'with' if probe['cpu_has_bf16'] else 'without'} bfloat16 instructions): "
                       f"the teacher's training step (batch {probe['batch']} x {probe['seq']} tokens) takes "
                       f"{probe['bf16_seconds']:.2f} s against {probe['fp32_seconds']:.2f} s in fp32: "
-                      f"**{probe['bf16_over_fp32']:.1f}x** the time."]
+                      f"**{probe['bf16_over_fp32']:.1f}x** the time."
+                      + ("" if probe["cpu_has_bf16"] else
+                         " So `precision: auto` keeps fp32 on the CPU, and the three-seed bf16 accuracy run that would "
+                         "let it pick bf16 was not made here (it would take many hours); on a CPU with AVX512-BF16 or "
+                         "AMX, `python -m benchmarks.runtime --configs before default default-bf16` measures it.")]
     return "\n".join(lines) + "\n"
 
 
