@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= 1
 
 PROFILE ?=
 
-.PHONY: run test install ui clean profile
+.PHONY: run test install ui clean profile push pull
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,15 @@ run: $(STAMP)
 	@start=$$(date +%s); \
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline && \
 	echo "make run: $$(( $$(date +%s) - start )) s"
+
+# The run's outputs (prepared data, teacher, relevance index, teacher cache, students) to and from the default DVC
+# remote (.dvc/config; `make run` pushes at its end). After `make pull` in a fresh clone, `dvc repro` reruns only
+# the validation gate.
+push: $(STAMP)
+	$(BIN)/dvc push
+
+pull: $(STAMP)
+	$(BIN)/dvc pull
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile

@@ -153,6 +153,7 @@ def pipeline_flow(
     force: bool = False,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
+    push: bool = True,
 ) -> dict:
     """Run the pipeline (``dvc repro``) on ``params.yaml``, after applying ``profile`` and ``overrides``.
 
@@ -161,6 +162,7 @@ def pipeline_flow(
         force: rerun every stage even if nothing changed.
         profile: a name under ``profiles/`` copied over ``params.yaml`` first (``sst2``, ``alpaca``, ...).
         overrides: dotted keys set in ``params.yaml``, e.g. ``{"distill.train.epochs": 1}``.
+        push: check the default DVC remote before any compute and ``dvc push`` the outputs after the run.
     """
     from flexkd import resources, tracking
 
@@ -169,6 +171,7 @@ def pipeline_flow(
     cfg = load_params()  # a wrong param stops here, before any stage runs
     preflight(cfg, data=True)  # so do missing data, k > d_T, a prune plan the teacher cannot fit, a foreign tokenizer
     paths = paths_for(cfg)
+    remote = dvc_remote(paths.root) if push else None  # unreachable storage stops the run before any compute
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
     commit, dirty = tracking.git_state(paths.root)
@@ -197,10 +200,55 @@ def pipeline_flow(
         raise RuntimeError(f"dvc repro failed with exit status {completed.returncode}; see the stage output above")
     if paths.comparison.exists():
         print(paths.comparison.read_text())
+    if remote is not None:
+        push_outputs(paths.root, remote)
+    elif push:
+        print("no default DVC remote is set (.dvc/config): the run's outputs stay in this checkout's cache")
     experiment = tracking.experiment_url(mlflow_experiment_id(cfg.project.experiment))
     local = " (start the UI with `make ui`)" if tracking.ui_base() == tracking.UI_DEFAULT else ""
     print(f"MLflow runs of {cfg.project.experiment}: {experiment}{local}")
     return {"pipeline_run_id": parent, "comparison": str(paths.comparison), "experiment_url": experiment}
+
+
+def dvc_remote(root: Path) -> dict | None:
+    """The project's default DVC remote, checked before any compute: {"name", "url"}; None when none is set.
+
+    A local remote (the default, ``.dvc/config``: a directory beside the checkout) is created on first use; any
+    remote is asked whether its root exists, so that a worker that cannot reach it (missing credentials, no
+    network, a path it cannot write) fails now, naming the remote, and not after hours of training."""
+    from dvc.repo import Repo
+
+    from flexkd.errors import ConfigError
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            return None
+        try:
+            remote = repo.cloud.get_remote(name)
+            url = repo.config["remote"][name]["url"]
+            if remote.fs.protocol in ("local", "file"):
+                Path(remote.path).mkdir(parents=True, exist_ok=True)
+                if not os.access(remote.path, os.W_OK):
+                    raise PermissionError(f"{remote.path} is not writable")
+            else:
+                remote.fs.exists(remote.path)
+        except Exception as err:  # noqa: BLE001 - whatever the storage said, name the remote and the way out
+            raise ConfigError(
+                f"DVC remote {name!r} ({repo.config['remote'].get(name, {}).get('url')}) cannot be reached: "
+                f"{type(err).__name__}: {err}. Fix its url or credentials (`dvc remote modify`, credentials from the "
+                "environment), or set another default remote (`dvc remote default`)."
+            ) from None
+    return {"name": name, "url": url}
+
+
+def push_outputs(root: Path, remote: dict) -> None:
+    """``dvc push``: the run's prepared data, teacher, relevance index, teacher cache and students to the remote."""
+    print(f"pushing the run's outputs to DVC remote {remote['name']!r} ({remote['url']})")
+    completed = subprocess.run([sys.executable, "-m", "dvc", "push", "--remote", remote["name"]], cwd=root)
+    if completed.returncode != 0:
+        raise RuntimeError(f"dvc push to {remote['name']!r} ({remote['url']}) failed with exit status "
+                           f"{completed.returncode}; the run itself is complete: rerun `make push` once it is reachable")
 
 
 def mlflow_experiment_id(name: str) -> str:
@@ -228,6 +276,7 @@ if __name__ == "__main__":
     parser.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if nothing changed")
     parser.add_argument("--profile", default=None, help="copy profiles/<PROFILE>.yaml over params.yaml first")
+    parser.add_argument("--no-push", action="store_true", help="do not dvc push the outputs to the default remote")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set a dotted param in params.yaml first, e.g. --set distill.train.epochs=1 (repeatable)")
     args = parser.parse_args()
@@ -236,7 +285,7 @@ if __name__ == "__main__":
 
         ensure_api()  # the temporary Prefect server (no PREFECT_API_URL) dies with this process, stages reuse it
         pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile,
-                      overrides=parse_set(args.overrides) or None)
+                      overrides=parse_set(args.overrides) or None, push=not args.no_push)
     except Exception as err:  # noqa: BLE001
         print(f"\nflexkd: pipeline failed: {err}", file=sys.stderr)
         sys.exit(1)

@@ -242,3 +242,46 @@ def test_benchmark_measurements_run_on_the_project(project):
     assert 0.4 < sizes["selected_over_full"] < 0.6  # hidden states dominate: 16 of 32 units
     sanity = ablation(root, ks=[8], random_draws=1)
     assert set(sanity["by_k"]["8"]) == {"top", "bottom", "random_mean"} and 0 <= sanity["none"] <= 1
+
+
+def test_a_run_travels_to_a_fresh_clone_through_the_dvc_remote(project, tmp_path):
+    """A finished run pushed to a DVC remote, the project cloned elsewhere, pulled: `dvc repro` there reruns only
+    the validation gate, and the pulled student predicts exactly what the original does. A remote that cannot be
+    reached stops the pipeline before any stage runs, naming it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flows.pipeline import dvc_remote
+
+    root, _ = project
+    dvc = [sys.executable, "-m", "dvc"]
+    (tmp_path / "a-file").write_text("not a directory")
+    run([*dvc, "remote", "add", "-d", "-f", "broken", str(tmp_path / "a-file" / "remote")], root)
+    stopped = run([sys.executable, "-m", "flows.pipeline"], root, check=False, timeout=600)
+    assert stopped.returncode == 1
+    assert "DVC remote 'broken'" in stopped.stderr and "cannot be reached" in stopped.stderr
+    assert "Running stage" not in stopped.stdout + stopped.stderr  # stopped before dvc repro
+
+    remote_dir = tmp_path / "storage" / "flexkd"
+    run([*dvc, "remote", "add", "-d", "-f", "shared", str(remote_dir)], root)
+    assert dvc_remote(root) == {"name": "shared", "url": str(remote_dir)} and remote_dir.is_dir()  # made on first use
+    run([*dvc, "push"], root)  # what `make push` and the end of `make run` do
+    git_commit(root, "a finished run, shared")
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    assert not (clone / "runs").exists()
+    run([*dvc, "pull"], clone)  # `make pull`
+    repro = run([*dvc, "repro"], clone)
+    text = repro.stdout + repro.stderr
+    assert "Running stage 'validate'" in text  # the gate always runs; its outputs, and so all else, are unchanged
+    for stage in ("prepare", "finetune_teacher", "relevance", "teacher_cache", "distill@pruned-flexkd", "evaluate"):
+        assert f"Running stage '{stage}'" not in text, stage
+
+    texts = ["a fine film", "dull and far too long", "the cast is wonderful"]
+    logits = []
+    for base in (root, clone):
+        path = base / "runs/students/sst2/pruned/flexkd"
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        logits.append(model(**tokenizer(texts, return_tensors="pt", padding=True)).logits)
+    assert logits[0].shape == (3, 2) and (logits[0] == logits[1]).all()
