@@ -64,11 +64,6 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------- (a) the real path
 def train_tokenizer(directory: Path, texts: list[str], vocab_size: int):
     """A word-level tokenizer trained on the fixture texts (no download): [PAD], [UNK], [BOS], [EOS]."""
@@ -282,7 +277,7 @@ def _library_seconds(model, loss_fn, rows, batch, runtime, steps, work: Path, ex
 
     def log(metrics, step=None):
         if "train/total" in metrics:
-            sync(runtime.device)
+            runtime.synchronize()
             stamps.append(time.perf_counter())
 
     settings = TrainConfig(epochs=1, max_steps=10_000, batch_size=batch, lr=1e-5, warmup_ratio=0.0,
@@ -296,14 +291,15 @@ def _library_seconds(model, loss_fn, rows, batch, runtime, steps, work: Path, ex
     return (stamps[1] - stamps[0]) / steps
 
 
-def _bare_seconds(step_fn, params, rows, batch, device, steps) -> float:
+def _bare_seconds(step_fn, params, rows, batch, runtime, steps) -> float:
     """Mean seconds per step of a bare PyTorch loop (fused AdamW, global-norm clipping, the autocast of
     ``step_fn``) over ``steps`` steps after as many warm-up steps."""
+    device = runtime.device
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type in ("cpu", "cuda"))
     began = None
     for i in range(2 * steps):
         if i == steps:
-            sync(device)
+            runtime.synchronize()
             began = time.perf_counter()
         chunk = rows[i * batch : (i + 1) * batch]
         ids = torch.tensor([r["input_ids"] for r in chunk])
@@ -314,7 +310,7 @@ def _bare_seconds(step_fn, params, rows, batch, device, steps) -> float:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         loss.item()  # the library's loop checks that the loss is finite every step: the same synchronisation
-    sync(device)
+    runtime.synchronize()
     return (time.perf_counter() - began) / steps
 
 
@@ -336,7 +332,10 @@ def throughput(runtime, sizes: dict, peak: float | None, work: Path) -> dict:
 
     device, dtype = runtime.device, runtime.autocast_dtype
     seq, vocab, batch, steps = sizes["seq"], sizes["vocab"], sizes["batch"], sizes["steps"]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else __import__("contextlib").nullcontext
+
+    def autocast():  # the bare loop's own: plain torch.autocast, off in fp32
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     out: dict = {"precision": runtime.precision, "seq": seq, "peak_flops": peak}
 
     def report(name, seconds, tokens, flops_per_token, model_params):
@@ -364,7 +363,7 @@ def throughput(runtime, sizes: dict, peak: float | None, work: Path) -> dict:
                     logits = model(input_ids=ids).logits
                 return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
-            seconds = _bare_seconds(step, list(model.parameters()), rows, batch, device, steps)
+            seconds = _bare_seconds(step, list(model.parameters()), rows, batch, runtime, steps)
         report(name, seconds, batch * seq, fpt, n_params)
         del model
     # -- student distill step (flexkd, teacher online in the teacher dtype): library loop vs bare loop
@@ -403,7 +402,7 @@ def throughput(runtime, sizes: dict, peak: float | None, work: Path) -> dict:
                 corr = (s_c * t_c).sum(0) / (s_c.norm(dim=0) * t_c.norm(dim=0) + 1e-8)
                 return 0.5 * task + 0.5 * kd + 0.1 * (1 - corr).mean()
 
-            seconds = _bare_seconds(step, list(student.parameters()), rows, sbatch, device, steps)
+            seconds = _bare_seconds(step, list(student.parameters()), rows, sbatch, runtime, steps)
         report(name, seconds, sbatch * seq, fpt, n_params)
         del teacher, student
     out["teacher_library_over_bare"] = round(out["teacher/library"]["tokens_per_second"] / out["teacher/bare"]["tokens_per_second"], 3)

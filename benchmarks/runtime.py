@@ -222,14 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--no-bf16-probe", action="store_true", help="skip the fp32 vs bf16 step-time probe")
     args = parser.parse_args(argv)
-    import yaml
+    from flows.pipeline import parse_set
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_set(args.set)
     work = Path(args.work_dir)
     results: dict[str, dict[int, dict]] = {c: {} for c in args.configs}
     for seed in args.seeds:

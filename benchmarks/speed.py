@@ -10,8 +10,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 
 def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 12, warmup: int = 2,
                        methods: list[str] | None = None) -> dict:
@@ -64,14 +62,14 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
     for step, ids in enumerate(batches):
         for name, (setup, optimizer) in configs.items():
             batch = runtime.to_device(setup.collate([setup.train_data[i] for i in ids]))
-            _sync(runtime)
+            runtime.synchronize()
             began = time.perf_counter()
             with runtime.autocast():
                 loss, _ = setup.loss_fn(setup.model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _sync(runtime)
+            runtime.synchronize()
             if step >= warmup:
                 times[name].append(time.perf_counter() - began)
         if "flexkd/online" in configs and step >= warmup:
@@ -99,12 +97,6 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
         result["flexkd_term_seconds"] = statistics.median(term_times)
         result["flexkd_term_share"] = result["flexkd_term_seconds"] / median["flexkd/online"]
     return result
-
-
-def _sync(runtime) -> None:
-    """Wait for the GPU's queued work, so that a step's time is its own (a no-op on the CPU)."""
-    if runtime.is_cuda:
-        torch.cuda.synchronize(runtime.device)
 
 
 def relevance_time_ratio(root: Path, *, n_batches: int = 8, batch_size: int | None = None) -> dict:
@@ -144,10 +136,10 @@ def relevance_time_ratio(root: Path, *, n_batches: int = 8, batch_size: int | No
     seconds = {"relevance": 0.0, "plain": 0.0}
     for batch in batches[1:]:
         for name, fn in (("plain", plain), ("relevance", relevance)):
-            _sync(runtime)
+            runtime.synchronize()
             began = time.perf_counter()
             fn(batch)
-            _sync(runtime)
+            runtime.synchronize()
             seconds[name] += time.perf_counter() - began
     return {"batches": len(batches) - 1, "batch_size": batch_size, "seconds": seconds,
             "ratio": seconds["relevance"] / seconds["plain"]}
@@ -199,10 +191,10 @@ def _flexkd_term_seconds(setup, batch, feature_mask) -> float:
     mask = feature_mask(batch)
     hs_rows = masked_rows(hs, mask).detach().requires_grad_(True)
     ht_rows = masked_rows(ht, mask)
-    _sync(setup.runtime)
+    setup.runtime.synchronize()
     began = time.perf_counter()
     setup.objective.feature_term(hs_rows, ht_rows).backward()
-    _sync(setup.runtime)
+    setup.runtime.synchronize()
     return time.perf_counter() - began
 
 

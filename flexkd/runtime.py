@@ -14,8 +14,8 @@
   it has been measured to keep accuracy (BENCHMARKS.md); ``precision: bf16`` asks for it.
 - teacher_dtype: the frozen teacher (relevance scoring, teacher cache, online teacher in distillation) is cast
   to this dtype for inference; ``auto`` follows precision on CUDA and stays float32 on the CPU.
-- On CUDA: TF32 matmuls, SDPA attention (transformers' default), fused AdamW, pinned host memory and
-  non-blocking copies.
+- Fused AdamW on the CPU and on CUDA (``fused_optimizer``). On CUDA also: TF32 matmuls, SDPA attention
+  (transformers' default), pinned host memory and non-blocking copies.
 """
 
 from __future__ import annotations
@@ -134,6 +134,11 @@ class Runtime:
         stack.enter_context(self.autocast())
         return stack
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timing a step on a GPU); a no-op on the CPU."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
     def grad_scaler(self) -> "torch.amp.GradScaler":
         """Loss scaling for fp16; a disabled scaler (a pass-through) otherwise."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -219,6 +224,15 @@ def resolve(settings=None, *, local_rank: int | None = None) -> Runtime:
                    compile=settings.compile, fused_optimizer=settings.fused_optimizer)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a permutation that depends only on (seed, epoch); :func:`batches` cuts it."""
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch)).tolist()
+
+
 def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None,
             *, mega: int = 50) -> list[list[int]]:
     """The batches of one epoch, a pure function of (n, batch_size, seed, epoch, lengths): resume is exact.
@@ -229,7 +243,7 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[in
     one with the longest row first, so that a run that will not fit in memory fails at once). The number of
     batches is ceil(n / batch_size) either way: only the last mega-batch can end in a short batch.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = _epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator).tolist()
     if lengths is None:
         return [order[i : i + batch_size] for i in range(0, n, batch_size)]

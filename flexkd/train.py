@@ -108,18 +108,6 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float) -> Callable[[int]
     return factor
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None) -> list[list[int]]:
-    """The batches of one epoch (see :func:`flexkd.runtime.batches`): the seeded permutation cut in order, or,
-    with ``lengths``, grouped by length. A pure function of its arguments, so resume is exact."""
-    return batches(n, batch_size, seed, epoch, lengths)
-
-
 def _manifest(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): sha256_file(path)
@@ -415,8 +403,8 @@ def train_loop(
     then ``model`` is left as trained on each rank and the caller loads ``model_dir`` (``flexkd.launch`` does).
 
     ``runtime`` (default: CPU, float32, batches in permutation order) puts the model, ``extra`` and each batch on
-    its device, runs ``loss_fn`` under its autocast (float32 master weights; fp16 scales the loss), picks fused
-    AdamW on CUDA and groups rows by length when asked. The model is left on that device.
+    its device, runs ``loss_fn`` under its autocast (float32 master weights; fp16 scales the loss), picks its
+    optimizer (fused AdamW) and groups rows by length when asked. The model is left on that device.
     """
     work_dir = Path(work_dir)
     runtime = runtime or Runtime()
@@ -517,11 +505,11 @@ def train_loop(
         bar = tqdm(total=total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0)
 
     train_module.train()
-    order = epoch_batches(n, settings.batch_size, seed, state.epoch, lengths)
+    order = batches(n, settings.batch_size, seed, state.epoch, lengths)
     while state.step < total_steps:
         if state.batch_in_epoch >= steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            order = epoch_batches(n, settings.batch_size, seed, state.epoch, lengths)
+            order = batches(n, settings.batch_size, seed, state.epoch, lengths)
         indices, weight = order[state.batch_in_epoch], 1.0
         if ranks is not None:
             indices, weight = ranks.shard(indices)

@@ -8,8 +8,8 @@ from flexkd.config import TrainConfig
 from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ProvenanceError
 from flexkd.losses import build_objective
-from flexkd.train import (Interrupted, task_loss, distillation_loss, epoch_order, train_loop,
-                          warmup_linear_decay)
+from flexkd.runtime import epoch_order
+from flexkd.train import Interrupted, task_loss, distillation_loss, train_loop, warmup_linear_decay
 
 
 def bert(hidden, seed, layers=1):
