@@ -28,14 +28,14 @@ run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline && \
 	echo "make run: $$(( $$(date +%s) - start )) s"
 
-# The run's outputs (prepared data, teacher, relevance index, teacher cache, students) to and from the default DVC
-# remote (.dvc/config; `make run` pushes at its end). After `make pull` in a fresh clone, `dvc repro` reruns only
-# the validation gate.
+# The run's outputs (raw snapshot, prepared data, teacher, relevance index, teacher cache, students, metrics) and
+# DVC's run cache to the default DVC remote (.dvc/config; `make run` pushes at its end), and back. After
+# `make pull` in a fresh clone of a commit with the run's dvc.lock, `dvc repro` has nothing to do.
 push: $(STAMP)
-	$(BIN)/dvc push
+	$(BIN)/python -m flows.storage push
 
 pull: $(STAMP)
-	$(BIN)/dvc pull
+	$(BIN)/python -m flows.storage pull
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile

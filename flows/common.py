@@ -43,6 +43,10 @@ def preflight(cfg: FlexKDConfig, *, data: bool = False, tuned_teacher: bool = Fa
 def cli(description: str, method: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=None, help="params file (default: params.yaml in the project root)")
+    parser.add_argument("--sync", action="store_true",
+                        help="run as a worker that shares only the DVC remote: check it, pull the stage's inputs "
+                             "(upstream stages restored from the remote's run cache), run the stage under dvc repro, "
+                             "push its outputs")
     if method:
         parser.add_argument("--student", required=True, help="a student set-up named under `students` in params")
         parser.add_argument("--method", required=True, help="distillation method: ft, kd, projector, cka or flexkd")
@@ -61,7 +65,7 @@ def run_cli(flow_fn, description: str, method: bool = False) -> None:
 
     die_with_parent()  # killed `dvc repro` or pipeline: this stage stops too, its Prefect server with it
     args = cli(description, method)
-    kwargs = {"params": args.params}
+    kwargs = {"params": args.params, **({"sync": True} if args.sync else {})}
     if method:
         kwargs.update(student=args.student, method=args.method)
     try:

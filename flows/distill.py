@@ -46,7 +46,11 @@ def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
 
 
 @flow(name="flexkd-distill", log_prints=True)
-def distill_flow(student: str, method: str, params: str | None = None) -> dict:
+def distill_flow(student: str, method: str, params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("distill", params, student=student, method=method)
     from flexkd import stages, tracking
     from flexkd.config import METHODS
     from flexkd.distill import stage_params

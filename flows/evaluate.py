@@ -20,7 +20,11 @@ from flows.common import load_params, paths_for, read_json, run_cli, write_json
 
 
 @flow(name="flexkd-evaluate", log_prints=True)
-def evaluate_flow(params: str | None = None) -> dict:
+def evaluate_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("evaluate", params)
     from flexkd import resources, tracking
     from flexkd.data.prepare import load_split
     from flexkd.errors import FlexKDError

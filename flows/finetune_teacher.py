@@ -14,7 +14,11 @@ from flows.common import load_params, paths_for, preflight, run_cli
 
 
 @flow(name="flexkd-finetune-teacher", log_prints=True)
-def finetune_teacher_flow(params: str | None = None) -> dict:
+def finetune_teacher_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("finetune_teacher", params)
     from flexkd import stages, tracking
     from flexkd.tasks import task_for
     from flexkd.train import set_threads

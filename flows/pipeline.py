@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,14 +30,7 @@ from prefect import flow
 
 from flexkd.config import set_dotted  # noqa: F401 - the override engine, re-exported for the flows
 from flows.common import load_params, paths_for, preflight, project_root
-
-
-def _prefect_api_for_children() -> str | None:
-    """Let the stage processes talk to this process's Prefect API instead of each starting a temporary server
-    (the one :func:`flows.server.ensure_api` started, a configured one, or Prefect's own if a caller skipped it)."""
-    from flows.server import api_url_for_children
-
-    return api_url_for_children()
+from flows.storage import dvc, dvc_remote, push_outputs, run_dvc, stage_env, stale_snapshot  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------ profile and overrides
@@ -169,8 +161,10 @@ def pipeline_flow(
     if apply_profile_and_overrides(project_root(), profile, overrides):
         print(f"params.yaml: profile={profile or '-'} overrides={json.dumps(overrides or {}, default=str)}")
     cfg = load_params()  # a wrong param stops here, before any stage runs
-    preflight(cfg, data=True)  # so do missing data, k > d_T, a prune plan the teacher cannot fit, a foreign tokenizer
     paths = paths_for(cfg)
+    # missing data, k > d_T, a prune plan the teacher cannot fit, a foreign tokenizer stop here too; the raw files
+    # only where no raw snapshot was taken yet (a pulled run needs no source unless its data params change)
+    preflight(cfg, data=not (paths.validated / "sources.json").is_file())
     remote = dvc_remote(paths.root) if push else None  # unreachable storage stops the run before any compute
     tracking.setup(paths.root, cfg.project.experiment)
     tracking.check_reachable()
@@ -180,24 +174,23 @@ def pipeline_flow(
         cfg, profile=profile, overrides=overrides, commit=commit, dirty=dirty, targets=targets))
     _log_choice(parent, profile, overrides)
     # the stages run with this interpreter (flows/stage.sh), whichever `python` is first on PATH
-    env = dict(os.environ, FLEXKD_PIPELINE_RUN_ID=parent, FLEXKD_PROJECT_ROOT=str(paths.root), FLEXKD_PYTHON=sys.executable)
-    api = _prefect_api_for_children()
-    if api:
-        env["PREFECT_API_URL"] = api
-    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *(targets or [])]
-    print("running:", " ".join(command[2:]))
+    env = stage_env(paths.root, FLEXKD_PIPELINE_RUN_ID=parent)
+    commands = [dvc("repro", *(["--force"] if force else []), *(targets or []))]
+    if not force and stale_snapshot(cfg, paths):  # DVC cannot see a source outside the checkout
+        commands.insert(0, dvc("repro", "--force", "--single-item", "validate"))
     setup_seconds, began = resources.process_age(), time.perf_counter()
-    from flows.server import die_with_parent
-
-    # `dvc repro` (and through it each stage) stops when this process is killed, instead of running on orphaned
-    completed = subprocess.run(command, cwd=paths.root, env=env, preexec_fn=die_with_parent)
+    status = 0
+    for command in commands:
+        status = run_dvc(command, paths.root, env)
+        if status != 0:
+            break
     # for the overhead split: this process up to `dvc repro` (interpreter, imports, the temporary Prefect server,
     # pre-flight, MLflow set-up), and `dvc repro` itself (the stage processes plus DVC's own work between them)
     tracking.log_metrics({"resources/pipeline_setup_seconds": setup_seconds,
                           "resources/dvc_repro_seconds": time.perf_counter() - began}, run_id=parent)
-    tracking.end_pipeline_run(parent, "FINISHED" if completed.returncode == 0 else "FAILED")
-    if completed.returncode != 0:
-        raise RuntimeError(f"dvc repro failed with exit status {completed.returncode}; see the stage output above")
+    tracking.end_pipeline_run(parent, "FINISHED" if status == 0 else "FAILED")
+    if status != 0:
+        raise RuntimeError(f"dvc repro failed with exit status {status}; see the stage output above")
     if paths.comparison.exists():
         print(paths.comparison.read_text())
     if remote is not None:
@@ -208,47 +201,6 @@ def pipeline_flow(
     local = " (start the UI with `make ui`)" if tracking.ui_base() == tracking.UI_DEFAULT else ""
     print(f"MLflow runs of {cfg.project.experiment}: {experiment}{local}")
     return {"pipeline_run_id": parent, "comparison": str(paths.comparison), "experiment_url": experiment}
-
-
-def dvc_remote(root: Path) -> dict | None:
-    """The project's default DVC remote, checked before any compute: {"name", "url"}; None when none is set.
-
-    A local remote (the default, ``.dvc/config``: a directory beside the checkout) is created on first use; any
-    remote is asked whether its root exists, so that a worker that cannot reach it (missing credentials, no
-    network, a path it cannot write) fails now, naming the remote, and not after hours of training."""
-    from dvc.repo import Repo
-
-    from flexkd.errors import ConfigError
-
-    with Repo(str(root)) as repo:
-        name = repo.config["core"].get("remote")
-        if not name:
-            return None
-        try:
-            remote = repo.cloud.get_remote(name)
-            url = repo.config["remote"][name]["url"]
-            if remote.fs.protocol in ("local", "file"):
-                Path(remote.path).mkdir(parents=True, exist_ok=True)
-                if not os.access(remote.path, os.W_OK):
-                    raise PermissionError(f"{remote.path} is not writable")
-            else:
-                remote.fs.exists(remote.path)
-        except Exception as err:  # noqa: BLE001 - whatever the storage said, name the remote and the way out
-            raise ConfigError(
-                f"DVC remote {name!r} ({repo.config['remote'].get(name, {}).get('url')}) cannot be reached: "
-                f"{type(err).__name__}: {err}. Fix its url or credentials (`dvc remote modify`, credentials from the "
-                "environment), or set another default remote (`dvc remote default`)."
-            ) from None
-    return {"name": name, "url": url}
-
-
-def push_outputs(root: Path, remote: dict) -> None:
-    """``dvc push``: the run's prepared data, teacher, relevance index, teacher cache and students to the remote."""
-    print(f"pushing the run's outputs to DVC remote {remote['name']!r} ({remote['url']})")
-    completed = subprocess.run([sys.executable, "-m", "dvc", "push", "--remote", remote["name"]], cwd=root)
-    if completed.returncode != 0:
-        raise RuntimeError(f"dvc push to {remote['name']!r} ({remote['url']}) failed with exit status "
-                           f"{completed.returncode}; the run itself is complete: rerun `make push` once it is reachable")
 
 
 def mlflow_experiment_id(name: str) -> str:

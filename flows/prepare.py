@@ -1,4 +1,5 @@
-"""Stage 2: write the prepared splits (train / validation / test) and the label map under data/prepared/<task>/."""
+"""Stage 2: write the prepared splits (train / validation / test) and the label map under data/prepared/<task>/,
+from the raw snapshot the validate stage took (data/validated/<task>/raw), not from the source again."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from flows.common import load_params, paths_for, run_cli
 
 
 @flow(name="flexkd-prepare", log_prints=True)
-def prepare_flow(params: str | None = None) -> dict:
+def prepare_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("prepare", params)
     from flexkd import resources, tracking
+    from flexkd.data.task import read_snapshot
     from flexkd.tasks import task_for
 
     cfg = load_params(params)
@@ -18,7 +24,7 @@ def prepare_flow(params: str | None = None) -> dict:
     with tracking.stage_run("prepare", project_root=paths.root, experiment=cfg.project.experiment, params={"data": cfg.data.model_dump(), "seed": cfg.project.seed}):
         task = task_for(cfg)
         with resources.compute():
-            manifest = task.prepare(task.load_raw(), paths.prepared)
+            manifest = task.prepare(read_snapshot(paths.validated), paths.prepared)
         targets = None if task.is_generation else "label"
         for split in ("train", "validation", "test"):
             tracking.log_dataset(paths.prepared / f"{split}.jsonl", name=f"{cfg.data.task}-{split}", targets=targets,

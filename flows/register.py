@@ -19,7 +19,11 @@ METRICS = ("accuracy", "macro_f1", "mcc", "rougeL", "rougeL_std", "rougeL_greedy
 
 
 @flow(name="flexkd-register", log_prints=True)
-def register_flow(params: str | None = None) -> dict:
+def register_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("register", params)
     from flexkd import tracking
     from flexkd.errors import FlexKDError
     from flexkd.relevance import RelevanceIndex

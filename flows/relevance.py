@@ -13,7 +13,11 @@ from flows.common import load_params, paths_for, preflight, run_cli
 
 
 @flow(name="flexkd-relevance", log_prints=True)
-def relevance_flow(params: str | None = None) -> dict:
+def relevance_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("relevance", params)
     from flexkd import stages, tracking
     from flexkd.tasks import task_for
     from flexkd.train import set_threads

@@ -16,7 +16,11 @@ from flows.common import load_params, paths_for, preflight, run_cli
 
 
 @flow(name="flexkd-teacher-cache", log_prints=True)
-def teacher_cache_flow(params: str | None = None) -> dict:
+def teacher_cache_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("teacher_cache", params)
     from flexkd import stages, tracking
     from flexkd.tasks import task_for
     from flexkd.train import set_threads

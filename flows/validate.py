@@ -1,8 +1,9 @@
 """Stage 1: validate the raw data with its Great Expectations suite; stop the pipeline on failure.
 
-Writes data/validated/<task>/ (validation_report.json/.md and sources.json: file hashes and rows). The report
-is written and logged to MLflow whether the data passes or not; on failure the stage exits non-zero, so DVC
-stops before any training.
+Writes data/validated/<task>/: validation_report.json/.md, the raw snapshot raw/<split>.jsonl (the rows this run
+read, from the local files or the Hub: DVC-tracked and pushed with the run, and what the prepare stage reads) and
+sources.json (where they came from, with hashes and rows). The report is written and logged to MLflow whether the
+data passes or not; on failure the stage exits non-zero, so DVC stops before any training.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from flows.common import load_params, paths_for, run_cli, write_json
 
 
 @flow(name="flexkd-validate", log_prints=True)
-def validate_flow(params: str | None = None) -> dict:
+def validate_flow(params: str | None = None, sync: bool = False) -> dict:
+    if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
+        from flows.storage import run_synced
+
+        return run_synced("validate", params)
     from flexkd import resources, tracking
-    from flexkd.data.task import describe_sources
+    from flexkd.data.task import describe_sources, write_snapshot
     from flexkd.data.validation import raise_for_failures
     from flexkd.tasks import task_for
 
@@ -33,6 +38,7 @@ def validate_flow(params: str | None = None) -> dict:
             report = task.validate(splits)
         json_path, md_path = report.save(paths.validated)
         sources = describe_sources(cfg.data, splits)
+        sources["snapshot"] = write_snapshot(splits, paths.validated)
         write_json(paths.validated / "sources.json", sources)
         for path in (json_path, md_path, paths.validated / "sources.json"):
             tracking.log_artifact(path, "validation")

@@ -102,10 +102,15 @@ def _write_json(path: Path, payload) -> None:
 
 
 def _sources(frames: list[pd.DataFrame]) -> list[dict]:
+    """The source files of the rows, with their sha256: recorded in the raw snapshot (``attrs``, so the same
+    wherever the snapshot was pulled to), else hashed from the file when it is here."""
+    known = {k: v for frame in frames for k, v in frame.attrs.get("source_sha256", {}).items()}
     out = []
     for name in sorted({str(f) for frame in frames for f in frame["source_file"].unique()}):
         entry = {"path": name}
-        if os.path.isfile(name):
+        if name in known:
+            entry["sha256"] = known[name]
+        elif os.path.isfile(name):
             entry["sha256"] = sha256_file(name)
         out.append(entry)
     return out

@@ -195,6 +195,100 @@ def describe_sources(data: DataConfig, splits: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ the raw snapshot
+SNAPSHOT = "raw"  # under data/validated/<task>/: the rows the run read, one JSON object per line and split
+
+
+def _plain(value):
+    """A cell as JSON: numpy scalars as Python numbers, missing as null, lists (references) kept."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy scalars and arrays
+        return _plain(value.tolist())
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value
+
+
+def write_snapshot(splits: dict[str, pd.DataFrame], directory: Path) -> dict[str, dict]:
+    """Store the raw splits a run read (whatever the source: local files or the Hub) as
+    ``<directory>/raw/<split>.jsonl``, DVC-tracked with the validate stage's outputs, so that ``dvc pull`` brings
+    back exactly these rows and the prepare stage reads them instead of the source. Returns, per split, the
+    file (relative to ``directory``), its sha256 and its rows."""
+    import json
+
+    target = Path(directory) / SNAPSHOT
+    target.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, frame in splits.items():
+        path = target / f"{split}.jsonl"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        columns = list(frame.columns)
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for row in frame.itertuples(index=False, name=None):
+                record = {column: _plain(value) for column, value in zip(columns, row)}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        out[split] = {"file": f"{SNAPSHOT}/{split}.jsonl", "sha256": sha256_file(path), "rows": len(frame)}
+    return out
+
+
+def read_snapshot(directory: Path) -> dict[str, pd.DataFrame]:
+    """The raw splits stored by :func:`write_snapshot` (``directory`` is data/validated/<task>), each frame
+    carrying ``attrs["source_sha256"]``: the source files' hashes from ``sources.json``, so that a prepared
+    manifest names them even where the source files are not (a pulled clone, another worker)."""
+    import json
+
+    directory = Path(directory)
+    sources_path = directory / "sources.json"
+    if not sources_path.is_file() or "snapshot" not in (sources := json.loads(sources_path.read_text(encoding="utf-8"))):
+        raise DataError(f"{directory}: no raw snapshot (sources.json with a `snapshot` entry) - run the validate "
+                        "stage (`dvc repro validate`) or fetch a finished run's outputs (`make pull`)")
+    hashes = {entry["file"]: entry["sha256"] for entry in sources.values()
+              if isinstance(entry, dict) and "file" in entry and "sha256" in entry}
+    splits = {}
+    for split, entry in sources["snapshot"].items():
+        path = directory / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path}: the raw snapshot is {'missing' if not path.is_file() else 'not the one sources.json names'}"
+                            " - run `dvc checkout` (or `make pull`) to restore it, or `dvc repro validate` to take it again")
+        with open(path, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+        frame.attrs["source_sha256"] = dict(hashes)
+        splits[split] = frame
+    return splits
+
+
+def snapshot_staleness(data: DataConfig, directory: Path) -> str | None:
+    """Why the raw snapshot in ``directory`` no longer matches the local source files, or None.
+
+    DVC cannot see the source (it lives outside the checkout, or on the Hub), so the pipeline asks this before
+    ``dvc repro`` and reruns the validate stage when a local file it read has changed. Where the recorded source
+    is not here (a pulled clone, a worker without the data), the snapshot stands: that is what it is for. A Hub
+    source is pinned by ``data.hub_revision`` (a params change reruns the stage)."""
+    import json
+
+    sources_path = Path(directory) / "sources.json"
+    if not sources_path.is_file():
+        return None
+    recorded = json.loads(sources_path.read_text(encoding="utf-8"))
+    if recorded.get("source") != "local" or "snapshot" not in recorded:
+        return None
+    try:
+        files = source_files(data)
+    except (DataError, OSError):
+        return None
+    for split, path in files.items():
+        entry = recorded.get(split) or {}
+        if "sha256" in entry and path.is_file() and sha256_file(path) != entry["sha256"]:
+            return f"{path} changed since the raw snapshot was taken (sha256 {entry['sha256'][:12]}...)"
+    return None
+
+
 def validation_settings(data: DataConfig, validation: ValidationConfig) -> ValidationSettings:
     return ValidationSettings(
         allowed_labels=list(data.labels) if data.labels is not None else None,

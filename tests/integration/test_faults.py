@@ -38,13 +38,14 @@ import json
 from mlflow.exceptions import MlflowException
 from flexkd import tracking
 from flexkd.errors import FlexKDError
+from flows.validate import validate_flow
 from flows.prepare import prepare_flow
 from flows.finetune_teacher import finetune_teacher_flow
 from flows.relevance import relevance_flow
 from flows.teacher_cache import teacher_cache_flow
 from flows.distill import distill_flow
 
-prepare_flow.fn(); finetune_teacher_flow.fn(); relevance_flow.fn(); teacher_cache_flow.fn()
+validate_flow.fn(); prepare_flow.fn(); finetune_teacher_flow.fn(); relevance_flow.fn(); teacher_cache_flow.fn()
 distill_flow.fn(student="random", method="ft")
 
 def server_gone(*args, **kwargs):  # the tracking server went away after training, before the model was logged

@@ -46,9 +46,9 @@ STAGE = textwrap.dedent('''
         print(f"API {os.environ.get('PREFECT_API_URL', '')} servers-of-mine {len(mine)}", flush=True)
         child = os.environ.get("SLEEPY_CHILD")
         if child:  # a stage under the pipeline: what flows.pipeline gives `dvc repro`
-            from flows.pipeline import _prefect_api_for_children
+            from flows.server import api_url_for_children
 
-            env = dict(os.environ, PREFECT_API_URL=_prefect_api_for_children(), SLEEPY_CHILD="")
+            env = dict(os.environ, PREFECT_API_URL=api_url_for_children(), SLEEPY_CHILD="")
             done = __import__("subprocess").run([sys.executable, child], env=env, capture_output=True, text=True)
             print("CHILD " + " ".join(line for line in done.stdout.splitlines() if line.startswith("API")), flush=True)
             assert done.returncode == 0, done.stdout + done.stderr

@@ -168,13 +168,19 @@ def test_test_scores_never_choose_the_registered_student(project):
     assert "does not beat the champion" in registry["reason"] and "same validation data" in registry["reason"]
 
 
-def test_second_repro_reruns_only_the_gate(project):
+def test_second_repro_reruns_nothing_and_the_gate_read_the_raw_rows_once(project):
+    """The validate stage stored the rows it read (data/validated/<task>/raw, DVC-tracked); prepare read those, and
+    with nothing changed `dvc repro` has nothing to do."""
     root, _ = project
     completed = run([sys.executable, "-m", "dvc", "repro"], root)
     text = completed.stdout + completed.stderr
-    assert "Running stage 'validate'" in text
-    for stage in ("prepare", "finetune_teacher", "relevance", "distill@pruned-flexkd", "evaluate"):
-        assert f"Running stage '{stage}'" not in text, stage
+    assert "Running stage" not in text and "Data and pipelines are up to date" in text, text[-2000:]
+    sources = json.loads((root / "data/validated/sst2/sources.json").read_text())
+    assert sources["source"] == "local" and set(sources["snapshot"]) == {"train", "test"}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    validated = [o for o in lock["stages"]["validate"]["outs"] if o["path"] == "data/validated/sst2"][0]
+    assert validated["md5"].endswith(".dir")  # in DVC's cache: pushed and pulled with the run
+    assert "data/validated/sst2/raw" in {d["path"] for d in lock["stages"]["prepare"]["deps"]}
 
 
 def test_a_changed_param_reruns_only_what_depends_on_it(project):
@@ -245,12 +251,14 @@ def test_benchmark_measurements_run_on_the_project(project):
 
 
 def test_a_run_travels_to_a_fresh_clone_through_the_dvc_remote(project, tmp_path):
-    """A finished run pushed to a DVC remote, the project cloned elsewhere, pulled: `dvc repro` there reruns only
-    the validation gate, and the pulled student predicts exactly what the original does. A remote that cannot be
-    reached stops the pipeline before any stage runs, naming it."""
+    """A finished run pushed to a DVC remote, the project cloned elsewhere, pulled (raw rows included): `dvc repro`
+    there has nothing to do, the pulled student predicts exactly what the original does, and it is the student
+    the shared MLflow registry holds. A remote that cannot be reached stops the pipeline before any stage runs."""
+    import mlflow
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from flows.pipeline import dvc_remote
+    from flexkd.provenance import weights_hash
+    from flows.storage import dvc_remote
 
     root, _ = project
     dvc = [sys.executable, "-m", "dvc"]
@@ -264,18 +272,18 @@ def test_a_run_travels_to_a_fresh_clone_through_the_dvc_remote(project, tmp_path
     remote_dir = tmp_path / "storage" / "flexkd"
     run([*dvc, "remote", "add", "-d", "-f", "shared", str(remote_dir)], root)
     assert dvc_remote(root) == {"name": "shared", "url": str(remote_dir)} and remote_dir.is_dir()  # made on first use
-    run([*dvc, "push"], root)  # what `make push` and the end of `make run` do
+    pushed = run([sys.executable, "-m", "flows.storage", "push"], root)  # `make push`, and the end of `make run`
+    assert "pushing the run's outputs to DVC remote 'shared'" in pushed.stdout
     git_commit(root, "a finished run, shared")
 
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
-    assert not (clone / "runs").exists()
-    run([*dvc, "pull"], clone)  # `make pull`
+    assert not (clone / "runs").exists() and not (clone / "data/validated/sst2/raw").exists()
+    run([sys.executable, "-m", "flows.storage", "pull"], clone)  # `make pull`
+    assert (clone / "data/validated/sst2/raw/train.jsonl").is_file()  # the rows the run read, whatever the source
     repro = run([*dvc, "repro"], clone)
     text = repro.stdout + repro.stderr
-    assert "Running stage 'validate'" in text  # the gate always runs; its outputs, and so all else, are unchanged
-    for stage in ("prepare", "finetune_teacher", "relevance", "teacher_cache", "distill@pruned-flexkd", "evaluate"):
-        assert f"Running stage '{stage}'" not in text, stage
+    assert "Running stage" not in text and "Data and pipelines are up to date" in text, text[-2000:]
 
     texts = ["a fine film", "dull and far too long", "the cast is wonderful"]
     logits = []
@@ -285,3 +293,14 @@ def test_a_run_travels_to_a_fresh_clone_through_the_dvc_remote(project, tmp_path
         tokenizer = AutoTokenizer.from_pretrained(path)
         logits.append(model(**tokenizer(texts, return_tensors="pt", padding=True)).logits)
     assert logits[0].shape == (3, 2) and (logits[0] == logits[1]).all()
+
+    # the MLflow store (a shared tracking server in production; the project's sqlite file here) holds the same
+    # students: the registered version named in the pulled reports/registry.json has the pulled student's weights
+    registry = json.loads((clone / "reports/registry.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{registry['name']}/{registry['version']}",
+                                                          dst_path=str(tmp_path / "registered")))
+    weights = {p.parent for p in downloaded.rglob("*.safetensors")}
+    assert len(weights) == 1
+    best = clone / "runs/students/sst2" / registry["best"]
+    assert weights_hash(weights.pop()) == weights_hash(best) == json.loads((best / "flexkd_student.json").read_text())["weights_hash"]

@@ -315,3 +315,34 @@ def test_pipeline_flow_stops_on_bad_overrides_before_anything_runs(project, monk
         pipeline_flow.fn(overrides={"distill.trian.epochs": 1})
     assert (project / "params.yaml").read_text() == before
     assert not (project / "mlflow.db").exists() and not (project / ".flexkd").exists()
+
+
+def test_stage_deployments_without_a_shared_disk_sync_through_the_dvc_remote():
+    """docker and kubernetes run each flow in its own container or pod: their stage deployments pull inputs from
+    and push outputs to the DVC remote; the process pool shares the checkout and runs the stage in place."""
+    stages = [d for d in prefect_yaml()["deployments"]
+              if not d["entrypoint"].startswith(("flows/pipeline.py", "flows/publish.py"))]
+    assert len(stages) == 3 * 8
+    for deployment in stages:
+        synced = (deployment.get("parameters") or {}).get("sync", False)
+        assert synced is (deployment["work_pool"]["name"] != "flexkd-process"), deployment
+
+
+def test_a_synced_stage_refuses_what_dvc_repro_cannot_run_before_any_compute(tmp_path, monkeypatch):
+    import sys
+
+    from flows.storage import dvc_stage, run_synced
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    monkeypatch.setenv("FLEXKD_PROJECT_ROOT", str(tmp_path))
+    other = tmp_path / "other.yaml"
+    shutil.copy(REPO / "params.yaml", other)
+    with pytest.raises(ConfigError, match=r"runs under `dvc repro`, which reads .*params\.yaml"):
+        run_synced("prepare", params=str(other))
+    with pytest.raises(ConfigError, match=r"distill@tiny-kd is not a stage of this pipeline"):
+        run_synced("distill", student="tiny", method="kd")
+    with pytest.raises(ConfigError, match=r"no default DVC remote is set.*dvc remote add -d"):
+        run_synced("prepare")
+    assert dvc_stage("distill", "pruned", "flexkd") == "distill@pruned-flexkd" and dvc_stage("relevance") == "relevance"
+    assert not (tmp_path / "data").exists()

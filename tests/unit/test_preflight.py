@@ -70,7 +70,7 @@ def tripwires(monkeypatch):
     from transformers import PreTrainedModel
 
     import flexkd.tracking
-    import flows.pipeline
+    import flows.storage
 
     ran: list[str] = []
 
@@ -80,7 +80,7 @@ def tripwires(monkeypatch):
             raise AssertionError(f"{what} ran before the bad param was reported")
         return tripped
 
-    monkeypatch.setattr(flows.pipeline.subprocess, "run", trip("dvc repro"))
+    monkeypatch.setattr(flows.storage.subprocess, "run", trip("dvc repro"))
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: trip("weights")()))
     monkeypatch.setattr(safetensors.torch, "load_file", trip("weights"))
     monkeypatch.setattr(torch, "load", trip("weights"))
