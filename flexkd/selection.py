@@ -77,7 +77,8 @@ def _columns(evaluation: dict) -> tuple:
     if evaluation["primary_metric"] == "rougeL":
         columns = (("ROUGE-L", "rougeL"),)
         present = {k for m in evaluation["students"].values() for k in m}
-        return columns + tuple(c for c in (("ROUGE-L std", "rougeL_std"), ("ROUGE-L greedy", "rougeL_greedy")) if c[1] in present)
+        return columns + tuple(c for c in (("ROUGE-L std", "rougeL_std"), ("ROUGE-L greedy", "rougeL_greedy"),
+                                           ("NLL", "nll"), ("perplexity", "perplexity")) if c[1] in present)
     return (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("MCC", "mcc"))
 
 

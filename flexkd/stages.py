@@ -44,6 +44,9 @@ def finetune_teacher(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None =
     summary = {"spec": teacher_cfg.model, "parameters": count_parameters(model), "data_fingerprint": data_fp,
                "finetuned": teacher_cfg.finetune.enabled, "selection_metric": metric}
     timing: dict[str, Any] = {"train_seconds": 0.0, "resumed_from": None}
+    check = teacher_cfg.quality.check != "off"
+    base = (task.validation_scores(model, validation, collate)  # what fine-tuning must improve (generation)
+            if check and task.is_generation and teacher_cfg.finetune.enabled else None)
     if teacher_cfg.finetune.enabled:
         train = task.features(paths.prepared, "train", tokenizer)
         run_fp = fingerprint("finetune_teacher", teacher_cfg.model_dump(), cfg.generation.model_dump(),
@@ -55,17 +58,42 @@ def finetune_teacher(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None =
                 fingerprint=run_fp, evaluate=lambda m: task.validation_scores(m, validation, collate),
                 select_metric=metric, log=log, desc="teacher", runtime=task.runtime,
             )
-        summary.update(best_step=result.state.best_step, steps=result.total_steps)
+        summary.update(best_step=result.state.best_step, steps=result.total_steps, steps_run=result.state.step,
+                       stopped_early=result.state.stopped_early)
         timing = {"train_seconds": round(result.state.train_seconds, 2), "resumed_from": result.resumed_from,
                   "epochs": teacher_cfg.finetune.epochs}
     scores = task.validation_scores(model, validation, collate)
     log({f"best_validation/{k}": v for k, v in scores.items()})
     save_checkpoint(model, tokenizer, paths.teacher)
     summary.update(validation=scores, weights_hash=weights_hash(paths.teacher))
+    quality = task.teacher_quality(model, validation, collate, paths.prepared, base) if check else None
+    if quality is not None:
+        summary["quality"] = quality
+        log({"teacher_quality/problems": float(len(quality["problems"]))})
     write_json(paths.teacher / "flexkd_teacher.json", summary)
-    write_json(paths.teacher_metrics, {"validation": scores, "parameters": summary["parameters"], **timing})
+    write_json(paths.teacher_metrics, {"validation": scores, "parameters": summary["parameters"], **timing,
+                                       **({"quality": quality} if quality is not None else {})})
     print(f"teacher validation {metric}: {scores[metric]:.4f}")
+    if quality and quality["problems"]:
+        report_weak_teacher(quality["problems"], stop=teacher_cfg.quality.check == "stop")
     return {**summary, "timing": timing}
+
+
+def report_weak_teacher(problems: list[str], *, stop: bool) -> None:
+    """Say loudly, before any student trains, that the teacher is not worth distilling (and stop, if asked to).
+    The teacher is saved either way: the report, the run and the checkpoint show what went wrong."""
+    import warnings
+
+    from flexkd.errors import FlexKDError
+
+    message = ("the fine-tuned teacher is weak on validation: " + "; ".join(problems) + ". Distilling from it wastes "
+               "the students' runs: train it longer or on more data (teacher.finetune.*, data.max_train), or pick "
+               "a stronger teacher")
+    if stop:
+        raise FlexKDError(message + " (teacher.quality.check is stop)")
+    banner = "!" * 100
+    print(f"\n{banner}\nWARNING: {message}\n{banner}\n")
+    warnings.warn(message, stacklevel=2)
 
 
 def select_units(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None = None, plot: bool = True) -> dict:
@@ -198,6 +226,7 @@ def distill(cfg: FlexKDConfig, paths: Paths, task, student: str, method: str, *,
         "student": student, "method": method, "init": cfg.student(student).init, "run_id": run_id,
         "parameters": count_parameters(model), "train_seconds": round(result.state.train_seconds, 2),
         "steps": result.total_steps, "best_step": result.state.best_step, "resumed_from": result.resumed_from,
+        "steps_run": result.state.step, "stopped_early": result.state.stopped_early,
         "validation": scores, "alpha": setup.alpha, "beta": setup.beta, "weights_hash": weights_hash(out_dir),
         "teacher_weights_hash": provenance["teacher_weights_hash"],
         "relevance_index_hash": provenance["relevance_index_hash"], "data_fingerprint": provenance["data_fingerprint"],

@@ -7,6 +7,8 @@ checkpoint selection) and at the end (the reported metrics), and log a student a
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Callable
 
@@ -190,6 +192,17 @@ class ClassificationTask(Task):
         features = self.features(prepared_dir, "test", tokenizer)
         return self.validation_scores(model, features, self.collate(tokenizer)), None
 
+    def teacher_quality(self, model, features, collate, prepared_dir: Path, base_scores: dict | None = None) -> dict:
+        """The tuned teacher on validation against the majority class, and each class's recall."""
+        from flexkd.data.prepare import load_label_map
+        from flexkd.evaluate import classifier_quality, predict_logits
+
+        q = self.cfg.teacher.quality
+        names = {i: name for name, i in load_label_map(prepared_dir).items()}
+        logits = predict_logits(model, features, collate, self.cfg.evaluate.batch_size, runtime=self.runtime)
+        return classifier_quality([f["labels"] for f in features], logits.argmax(-1).tolist(), names,
+                                  min_gain_over_majority=q.min_gain_over_majority, min_class_recall=q.min_class_recall)
+
     def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path, name: str = "model") -> str:
         """Log the checkpoint as a pyfunc model called ``name`` (the student and method: ``pruned-flexkd``)."""
         from flexkd.data.prepare import load_label_map, load_split
@@ -340,6 +353,13 @@ class GenerationTask(Task):
         loss = total / max(tokens, 1)
         return {"loss": loss, "neg_loss": -loss}
 
+    def teacher_quality(self, model, features, collate, prepared_dir: Path, base_scores: dict | None = None) -> dict:
+        """The tuned teacher's validation NLL against the model it started from (``base_scores``)."""
+        from flexkd.evaluate import generator_quality
+
+        return generator_quality(base_scores["loss"] if base_scores else None,
+                                 self.validation_scores(model, features, collate)["loss"])
+
     def test_scores(self, model, tokenizer, prepared_dir: Path) -> tuple[dict[str, float], list[str]]:
         from flexkd.generate import evaluate_generation
 
@@ -357,6 +377,10 @@ class GenerationTask(Task):
                                          batch_size=g.batch_size, max_prompt_tokens=g.max_prompt_tokens,
                                          runtime=self.runtime)
             scores["rougeL_greedy"] = float(greedy["rougeL"])
+        # teacher-forced on the same rows: the reference response's NLL per token, and its perplexity
+        features = self.features(prepared_dir, "test", tokenizer, g.eval_max_examples)
+        nll = self.validation_scores(model, features, self.collate(tokenizer))["loss"]
+        scores.update(nll=nll, perplexity=math.exp(min(nll, 50.0)))
         return scores, result["predictions"]
 
     def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path, name: str = "model") -> str:

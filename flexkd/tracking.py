@@ -1040,7 +1040,8 @@ def _fmt(value: Any) -> str:
 
 
 _METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC", "rougeL": "ROUGE-L",
-                 "rougeL_std": "ROUGE-L std", "rougeL_greedy": "ROUGE-L greedy", "loss": "NLL", "neg_loss": "-NLL"}
+                 "rougeL_std": "ROUGE-L std", "rougeL_greedy": "ROUGE-L greedy", "loss": "NLL", "neg_loss": "-NLL",
+                 "nll": "NLL (teacher-forced)", "perplexity": "perplexity"}
 
 
 def _metric_name(key: str) -> str:

@@ -56,6 +56,7 @@ class TrainState:
     best_step: int | None = None
     train_seconds: float = 0.0
     evals: list[dict] = field(default_factory=list)
+    stopped_early: str | None = None  # why training ended before its budget (patience, max_minutes); None: it did not
 
 
 @dataclass
@@ -506,7 +507,7 @@ def train_loop(
 
     train_module.train()
     order = batches(n, settings.batch_size, seed, state.epoch, lengths)
-    while state.step < total_steps:
+    while state.step < total_steps and not state.stopped_early:
         if state.batch_in_epoch >= steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             order = batches(n, settings.batch_size, seed, state.epoch, lengths)
@@ -550,8 +551,16 @@ def train_loop(
         if due or state.step == total_steps:
             if not (state.evals and state.evals[-1]["step"] == state.step):
                 run_eval()
-        if state.step % settings.checkpoint_every == 0 or state.step == total_steps:
+        if settings.max_minutes is not None and state.train_seconds >= settings.max_minutes * 60:
+            if not (state.evals and state.evals[-1]["step"] == state.step):
+                run_eval()  # the budget is spent: the last weights get their evaluation before the stop
+        if state.evals and state.evals[-1]["step"] == state.step:
+            state.stopped_early = early_stop_reason(settings, state, select_metric)
+        if state.stopped_early or state.step % settings.checkpoint_every == 0 or state.step == total_steps:
             save_checkpoint()
+        if state.stopped_early:
+            print(f"{desc}: stopped at step {state.step} of {total_steps}: {state.stopped_early}")
+            break
         if stop_after is not None and state.step >= stop_after and state.step < total_steps:
             if bar is not None:
                 bar.close()
@@ -563,6 +572,19 @@ def train_loop(
     if keep != checkpoint_dir / "model" and ranks is None:
         _load_weights(model, keep)
     return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=resumed_from)
+
+
+def early_stop_reason(settings: TrainConfig, state: TrainState, select_metric: str | None) -> str | None:
+    """Why training should stop now, right after an evaluation (None: go on). ``patience``: that many evaluations
+    in a row without a new best; ``max_minutes``: the training steps have used the time budget."""
+    if settings.patience and select_metric and state.best_step is not None:
+        since = sum(1 for e in state.evals if e["step"] > state.best_step)
+        if since >= settings.patience:
+            return (f"no better validation {select_metric} in {since} evaluations since step {state.best_step} "
+                    f"(patience {settings.patience})")
+    if settings.max_minutes is not None and state.train_seconds >= settings.max_minutes * 60:
+        return f"the time budget is spent: {state.train_seconds / 60:.1f} of max_minutes {settings.max_minutes:g}"
+    return None
 
 
 # What one step computes. The loop above is the same for both; only the loss differs.

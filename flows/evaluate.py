@@ -28,6 +28,7 @@ def evaluate_flow(params: str | None = None, sync: bool = False) -> dict:
     from flexkd import resources, tracking
     from flexkd.data.prepare import load_split
     from flexkd.errors import FlexKDError
+    from flexkd.evaluate import TEST_METRICS
     from flexkd.models import count_parameters, load_tokenizer
     from flexkd.selection import (best_by_validation, comparison_table, selection_label, selection_value_text,
                                   validation_fingerprint)
@@ -68,7 +69,7 @@ def evaluate_flow(params: str | None = None, sync: bool = False) -> dict:
                         "finetuned": teacher_info["finetuned"], "spec": teacher_info["spec"]},
             "students": {}, "warnings": [],
         }
-        metric_keys = [k for k in ("accuracy", "macro_f1", "mcc", "rougeL", "rougeL_std", "rougeL_greedy") if k in evaluation["teacher"]]
+        metric_keys = [k for k in TEST_METRICS if k in evaluation["teacher"]]
         tracking.log_metrics({f"test/teacher/{k}": evaluation["teacher"][k] for k in metric_keys})
         for student in cfg.distill.students:
             for method in cfg.distill.methods:
@@ -82,6 +83,8 @@ def evaluate_flow(params: str | None = None, sync: bool = False) -> dict:
                 tracking.log_metrics({f"test/{student}/{method}/{k}": metrics[k] for k in metric_keys})
                 tracking.log_metrics_to_run(info["run_id"], {f"test/{k}": metrics[k] for k in metric_keys})
 
+        for problem in (teacher_info.get("quality") or {}).get("problems", []):  # found by the teacher stage
+            evaluation["warnings"].append(f"teacher: {problem}")
         for student in cfg.distill.students:
             ft = evaluation["students"].get(f"{student}/ft")
             if ft is None:

@@ -15,9 +15,6 @@ from prefect import flow
 from flows.common import load_params, paths_for, read_json, run_cli, write_json
 
 
-METRICS = ("accuracy", "macro_f1", "mcc", "rougeL", "rougeL_std", "rougeL_greedy")
-
-
 @flow(name="flexkd-register", log_prints=True)
 def register_flow(params: str | None = None, sync: bool = False) -> dict:
     if sync:  # a worker with only the code and the DVC remote: pull the inputs, run under dvc repro, push
@@ -26,6 +23,7 @@ def register_flow(params: str | None = None, sync: bool = False) -> dict:
         return run_synced("register", params)
     from flexkd import tracking
     from flexkd.errors import FlexKDError
+    from flexkd.evaluate import TEST_METRICS as METRICS  # the test metrics the card and tags carry
     from flexkd.relevance import RelevanceIndex
     from flexkd.selection import Selection, selection_label, validation_fingerprint
 

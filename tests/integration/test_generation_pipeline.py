@@ -46,10 +46,17 @@ def test_generation_profile_end_to_end(profile, tmp_path, data_dir):
     evaluation = json.loads((root / "metrics/evaluation.json").read_text())
     assert evaluation["primary_metric"] == "rougeL"
     assert set(evaluation["students"]) == {f"{s}/{m}" for s in students for m in methods}
+    import math
+
     for scores in [evaluation["teacher"], *evaluation["students"].values()]:
         assert 0.0 <= scores["rougeL"] <= 100.0
+        # teacher-forced on the test rows: finite, and the perplexity is its exponential
+        assert 0.0 < scores["nll"] < 50.0 and scores["perplexity"] == pytest.approx(math.exp(scores["nll"]))
+    if profile == "alpaca":  # the best tiny student learned something: its test NLL is below uniform's ln(V)
+        vocab = json.loads((root / f"runs/students/{task}/{students[0]}/ft/config.json").read_text())["vocab_size"]
+        assert min(s["nll"] for s in evaluation["students"].values()) < math.log(vocab)
     table = (root / "reports/comparison.md").read_text()
-    assert "test ROUGE-L" in table and "validation NLL" in table
+    assert "test ROUGE-L" in table and "validation NLL" in table and "test NLL" in table and "test perplexity" in table
     assert all(f"{n}: {'pruned from the teacher' if n == 'pruned' else 'random init'}" in table for n in students)
     # the choice is the lowest validation NLL the distill runs recorded, whatever the test ROUGE-L says
     chosen = evaluation["selection"]

@@ -119,3 +119,44 @@ def test_checkpoint_lost_between_the_two_renames_is_restored(tmp_path):
     (tmp_path / ".checkpoint.tmp-cafe").mkdir()  # and a half-written new one, never read
     _, _, result, _ = _run_flexkd(tmp_path)
     assert result.resumed_from == 6 and checkpoint.exists()
+
+
+def test_patience_stops_after_evaluations_without_a_new_best_and_keeps_the_best(tmp_path):
+    model = bert(8, 2)
+    settings = SETTINGS.model_copy(update={"epochs": 10, "eval_every": 2, "patience": 2})  # 50 steps budgeted
+    scores = iter([0.5, 0.8, 0.7, 0.75, 0.99, 0.99])
+    result = train_loop(
+        model=model, loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0),
+        settings=settings, seed=0, work_dir=tmp_path, fingerprint="x",
+        evaluate=lambda m: {"accuracy": next(scores)}, select_metric="accuracy", progress=False,
+    )
+    # evaluations at steps 2, 4, 6, 8: the best (0.8) at step 4, then two without a new best: stop at step 8
+    assert result.total_steps == 50 and result.state.step == 8 and result.state.best_step == 4
+    assert "no better validation accuracy in 2 evaluations since step 4 (patience 2)" == result.state.stopped_early
+    assert result.model_dir == tmp_path / "best"
+    # the stop is in the checkpoint: a rerun resumes there and trains no further
+    again = train_loop(
+        model=bert(8, 2), loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0),
+        settings=settings, seed=0, work_dir=tmp_path, fingerprint="x",
+        evaluate=lambda m: pytest.fail("a stopped run does not evaluate again"), select_metric="accuracy", progress=False,
+    )
+    assert again.resumed_from == 8 and again.state.step == 8 and again.state.stopped_early
+
+
+def test_a_time_budget_stops_with_a_last_evaluation(tmp_path, monkeypatch):
+    import flexkd.train
+
+    clock = iter(range(0, 10_000, 30))  # every step "takes" 30 s of training time
+    monkeypatch.setattr(flexkd.train.time, "perf_counter", lambda: float(next(clock)))
+    model = bert(8, 2)
+    settings = SETTINGS.model_copy(update={"epochs": 10, "eval_every": 100, "max_minutes": 2.0})
+    evaluated = []
+    result = train_loop(
+        model=model, loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0),
+        settings=settings, seed=0, work_dir=tmp_path, fingerprint="x",
+        evaluate=lambda m: evaluated.append(1) or {"accuracy": 0.5}, select_metric="accuracy", progress=False,
+    )
+    assert result.state.step == 4 and evaluated == [1]  # 4 steps x 30 s = 2 minutes, evaluated once, then stopped
+    assert result.state.stopped_early.startswith("the time budget is spent: 2.0 of max_minutes 2")
+    with pytest.raises(ValueError, match="max_minutes needs num_processes 1"):
+        TrainConfig(batch_size=8, max_minutes=1.0, num_processes=2)
