@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 START_SECONDS = 240  # a temporary server plus Prefect's imports, on a busy 2-core machine
-GONE_SECONDS = 5  # "within a few seconds"
+# "within a few seconds": a server whose parent died stops gracefully, and its watchdog ends it outright at the
+# latest after flows.server's _WATCH_SECONDS + _GRACE_SECONDS (8.5 s); on a busy 2-core machine (the whole suite
+# running beside it) the graceful stop alone was seen to take over 5 s
+GONE_SECONDS = 15
 
 STAGE = textwrap.dedent('''
     import os, sys, time
