@@ -62,11 +62,10 @@ def finetune_teacher(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None =
                        stopped_early=result.state.stopped_early)
         timing = {"train_seconds": round(result.state.train_seconds, 2), "resumed_from": result.resumed_from,
                   "epochs": teacher_cfg.finetune.epochs}
-    scores = task.validation_scores(model, validation, collate)
+    scores, quality = task.score_teacher(model, validation, collate, paths.prepared, check=check, base_scores=base)
     log({f"best_validation/{k}": v for k, v in scores.items()})
     save_checkpoint(model, tokenizer, paths.teacher)
     summary.update(validation=scores, weights_hash=weights_hash(paths.teacher))
-    quality = task.teacher_quality(model, validation, collate, paths.prepared, base) if check else None
     if quality is not None:
         summary["quality"] = quality
         log({"teacher_quality/problems": float(len(quality["problems"]))})

@@ -192,16 +192,22 @@ class ClassificationTask(Task):
         features = self.features(prepared_dir, "test", tokenizer)
         return self.validation_scores(model, features, self.collate(tokenizer)), None
 
-    def teacher_quality(self, model, features, collate, prepared_dir: Path, base_scores: dict | None = None) -> dict:
-        """The tuned teacher on validation against the majority class, and each class's recall."""
+    def score_teacher(self, model, features, collate, prepared_dir: Path, *, check: bool,
+                      base_scores: dict | None = None) -> tuple[dict[str, float], dict | None]:
+        """The tuned teacher's validation scores and, with ``check``, its quality (against the majority class,
+        and each class's recall), from one prediction pass."""
         from flexkd.data.prepare import load_label_map
-        from flexkd.evaluate import classifier_quality, predict_logits
+        from flexkd.evaluate import classification_metrics, classifier_quality, predict_logits
 
+        logits = predict_logits(model, features, collate, self.cfg.evaluate.batch_size, runtime=self.runtime)
+        labels, predictions = [f["labels"] for f in features], logits.argmax(-1).tolist()
+        scores = classification_metrics(labels, predictions)  # what validation_scores gives
+        if not check:
+            return scores, None
         q = self.cfg.teacher.quality
         names = {i: name for name, i in load_label_map(prepared_dir).items()}
-        logits = predict_logits(model, features, collate, self.cfg.evaluate.batch_size, runtime=self.runtime)
-        return classifier_quality([f["labels"] for f in features], logits.argmax(-1).tolist(), names,
-                                  min_gain_over_majority=q.min_gain_over_majority, min_class_recall=q.min_class_recall)
+        return scores, classifier_quality(labels, predictions, names, min_gain_over_majority=q.min_gain_over_majority,
+                                          min_class_recall=q.min_class_recall)
 
     def log_model(self, tracking, checkpoint_dir: Path, prepared_dir: Path, name: str = "model") -> str:
         """Log the checkpoint as a pyfunc model called ``name`` (the student and method: ``pruned-flexkd``)."""
@@ -353,12 +359,16 @@ class GenerationTask(Task):
         loss = total / max(tokens, 1)
         return {"loss": loss, "neg_loss": -loss}
 
-    def teacher_quality(self, model, features, collate, prepared_dir: Path, base_scores: dict | None = None) -> dict:
-        """The tuned teacher's validation NLL against the model it started from (``base_scores``)."""
+    def score_teacher(self, model, features, collate, prepared_dir: Path, *, check: bool,
+                      base_scores: dict | None = None) -> tuple[dict[str, float], dict | None]:
+        """The tuned teacher's validation scores and, with ``check``, its quality: its validation NLL against
+        the model it started from (``base_scores``)."""
         from flexkd.evaluate import generator_quality
 
-        return generator_quality(base_scores["loss"] if base_scores else None,
-                                 self.validation_scores(model, features, collate)["loss"])
+        scores = self.validation_scores(model, features, collate)
+        if not check:
+            return scores, None
+        return scores, generator_quality(base_scores["loss"] if base_scores else None, scores["loss"])
 
     def test_scores(self, model, tokenizer, prepared_dir: Path) -> tuple[dict[str, float], list[str]]:
         from flexkd.generate import evaluate_generation

@@ -551,7 +551,7 @@ def train_loop(
         if due or state.step == total_steps:
             if not (state.evals and state.evals[-1]["step"] == state.step):
                 run_eval()
-        if settings.max_minutes is not None and state.train_seconds >= settings.max_minutes * 60:
+        if _budget_spent(settings, state):
             if not (state.evals and state.evals[-1]["step"] == state.step):
                 run_eval()  # the budget is spent: the last weights get their evaluation before the stop
         if state.evals and state.evals[-1]["step"] == state.step:
@@ -574,6 +574,10 @@ def train_loop(
     return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=resumed_from)
 
 
+def _budget_spent(settings: TrainConfig, state: TrainState) -> bool:
+    return settings.max_minutes is not None and state.train_seconds >= settings.max_minutes * 60
+
+
 def early_stop_reason(settings: TrainConfig, state: TrainState, select_metric: str | None) -> str | None:
     """Why training should stop now, right after an evaluation (None: go on). ``patience``: that many evaluations
     in a row without a new best; ``max_minutes``: the training steps have used the time budget."""
@@ -582,7 +586,7 @@ def early_stop_reason(settings: TrainConfig, state: TrainState, select_metric: s
         if since >= settings.patience:
             return (f"no better validation {select_metric} in {since} evaluations since step {state.best_step} "
                     f"(patience {settings.patience})")
-    if settings.max_minutes is not None and state.train_seconds >= settings.max_minutes * 60:
+    if _budget_spent(settings, state):
         return f"the time budget is spent: {state.train_seconds / 60:.1f} of max_minutes {settings.max_minutes:g}"
     return None
 

@@ -30,7 +30,7 @@ from prefect import flow
 
 from flexkd.config import set_dotted  # noqa: F401 - the override engine, re-exported for the flows
 from flows.common import load_params, paths_for, preflight, project_root
-from flows.storage import dvc, dvc_remote, push_outputs, run_dvc, stage_env, stale_snapshot  # noqa: F401
+from flows.storage import dvc, dvc_remote, push_outputs, run_dvc, stage_env, stale_snapshot
 
 
 # ------------------------------------------------------------------------------------ profile and overrides

@@ -68,11 +68,10 @@ def push_outputs(root: Path, remote: dict, targets: list[str] | None = None) -> 
     print(f"pushing {'the outputs of ' + ', '.join(targets) if targets else 'the run' + chr(39) + 's outputs'} to {where}")
     command = dvc("push", "--run-cache", "--remote", remote["name"], *(["--with-deps", *targets] if targets else []))
     completed = subprocess.run(command, cwd=root)
-    if completed.returncode == 0:
-        push_git_tracked_outputs(root, remote["name"], targets)
     if completed.returncode != 0:
         raise RuntimeError(f"dvc push to {where} failed with exit status {completed.returncode}; the run itself is "
                            "complete: rerun `make push` once the remote is reachable")
+    push_git_tracked_outputs(root, remote["name"], targets)
 
 
 def push_git_tracked_outputs(root: Path, remote: str, targets: list[str] | None = None) -> int:

@@ -220,20 +220,20 @@ def write_snapshot(splits: dict[str, pd.DataFrame], directory: Path) -> dict[str
     file (relative to ``directory``), its sha256 and its rows."""
     import json
 
-    target = Path(directory) / SNAPSHOT
-    target.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for split, frame in splits.items():
-        path = target / f"{split}.jsonl"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        columns = list(frame.columns)
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            for row in frame.itertuples(index=False, name=None):
-                record = {column: _plain(value) for column, value in zip(columns, row)}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        out[split] = {"file": f"{SNAPSHOT}/{split}.jsonl", "sha256": sha256_file(path), "rows": len(frame)}
-    return out
+    from flexkd.provenance import atomic_dir
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for split, frame in splits.items():
+            columns = list(frame.columns)
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as handle:
+                for row in frame.itertuples(index=False, name=None):
+                    record = {column: _plain(value) for column, value in zip(columns, row)}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    target = atomic_dir(Path(directory) / SNAPSHOT, write)  # the whole snapshot, or the previous one
+    return {split: {"file": f"{SNAPSHOT}/{split}.jsonl", "sha256": sha256_file(target / f"{split}.jsonl"),
+                    "rows": len(frame)} for split, frame in splits.items()}
 
 
 def read_snapshot(directory: Path) -> dict[str, pd.DataFrame]:
@@ -242,9 +242,11 @@ def read_snapshot(directory: Path) -> dict[str, pd.DataFrame]:
     manifest names them even where the source files are not (a pulled clone, another worker)."""
     import json
 
+    from flexkd.project import read_json
+
     directory = Path(directory)
     sources_path = directory / "sources.json"
-    if not sources_path.is_file() or "snapshot" not in (sources := json.loads(sources_path.read_text(encoding="utf-8"))):
+    if not sources_path.is_file() or "snapshot" not in (sources := read_json(sources_path)):
         raise DataError(f"{directory}: no raw snapshot (sources.json with a `snapshot` entry) - run the validate "
                         "stage (`dvc repro validate`) or fetch a finished run's outputs (`make pull`)")
     hashes = {entry["file"]: entry["sha256"] for entry in sources.values()
@@ -270,12 +272,12 @@ def snapshot_staleness(data: DataConfig, directory: Path) -> str | None:
     ``dvc repro`` and reruns the validate stage when a local file it read has changed. Where the recorded source
     is not here (a pulled clone, a worker without the data), the snapshot stands: that is what it is for. A Hub
     source is pinned by ``data.hub_revision`` (a params change reruns the stage)."""
-    import json
+    from flexkd.project import read_json
 
     sources_path = Path(directory) / "sources.json"
     if not sources_path.is_file():
         return None
-    recorded = json.loads(sources_path.read_text(encoding="utf-8"))
+    recorded = read_json(sources_path)
     if recorded.get("source") != "local" or "snapshot" not in recorded:
         return None
     try:
