@@ -100,8 +100,10 @@ def render_runtime(results: dict) -> list[str]:
         from benchmarks.runtime import render as render_table
 
         m = runtime["machine"]
+        budget = runtime.get("budget")
+        budget_text = (" with " + ", ".join(f"{key} {value}" for key, value in budget.items()) if budget else "")
         lines += [f"`python -m benchmarks.runtime` ({m['date']}, {m['cpu']}, {m['cores']} cores): the default run's "
-                  f"teacher and distill stages ({', '.join(f'{s}/{x}' for s in runtime['students'] for x in runtime['methods'])}) "
+                  f"(params.yaml of that date{budget_text}) teacher and distill stages ({', '.join(f'{s}/{x}' for s in runtime['students'] for x in runtime['methods'])}) "
                   "through `flexkd.stages`, seed by seed under each runtime: "
                   + "; ".join(f"`{name}` = " + ", ".join(f"{key.split('.')[-1]}: {value}" for key, value in keys.items())
                               for name, keys in runtime["configs"].items()) + ".", ""]

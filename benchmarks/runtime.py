@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, metric)
     from benchmarks.run import machine
 
+    budget = {"data.max_train": raw["data"].get("max_train"),  # the data and epoch budget the timings are for
+              "teacher.finetune.epochs": raw["teacher"]["finetune"].get("epochs"),
+              "distill.train.epochs": raw["distill"]["train"].get("epochs")}
     payload = {"machine": machine(), "configs": {c: CONFIGS[c] for c in args.configs}, "overrides": overrides,
+               "budget": budget,
                "students": args.students, "methods": args.methods, "summary": summary,
                "bf16_probe": None if args.no_bf16_probe else bf16_probe(Path(args.params))}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

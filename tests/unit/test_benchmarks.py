@@ -291,6 +291,16 @@ def test_runtime_benchmark_summary_gives_per_epoch_speedups_and_differences_pair
     assert "`precision: auto` keeps fp32 on the CPU" in table
 
 
+def test_the_runtime_section_names_the_budget_it_timed():
+    from benchmarks.run import render_runtime
+
+    from pathlib import Path
+
+    runtime = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "runtime.json").read_text())
+    text = "\n".join(render_runtime({"runtime": runtime}))
+    assert "(params.yaml of that date with data.max_train 3000, teacher.finetune.epochs 1, distill.train.epochs 2)" in text
+
+
 def test_the_report_says_when_no_gpu_ran_the_device_check():
     from benchmarks.run import render_runtime
 
