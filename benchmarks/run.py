@@ -89,7 +89,23 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
         path = directory / name
         if path.exists():
             out[key] = json.loads(path.read_text())
+    tuning = {path.stem.removeprefix("tuning-"): json.loads(path.read_text())
+              for path in sorted(directory.glob("tuning-*.json"))}  # python -m benchmarks.tune, one file a task
+    if tuning:
+        out["tuning"] = tuning
     return out
+
+
+def render_tuning(results: dict) -> list[str]:
+    from benchmarks.tune import render as render_table
+
+    tuning = results.get("tuning") or {}
+    if not tuning:
+        return []
+    lines = ["## Tuning: the same trials for every method, on validation", ""]
+    for block in tuning.values():
+        lines += render_table(block).splitlines() + [""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -230,6 +246,7 @@ def render(results: dict) -> str:
     for name, stage in stages.items():
         lines.append(f"| {name} | {stage['peak_rss_mb']:.0f} | {stage['compute_seconds']:.1f} | {stage['stage_seconds']:.1f} |")
     lines += [""] + render_runtime(results)
+    lines += render_tuning(results)
     lines += ["## Quality", ""]
     for name, block in results["quality"].items():
         quality = block["quality"]

@@ -246,6 +246,11 @@ class StudentConfig(_Strict):
     alpha: float | None = Field(None, ge=0, le=1, description="Override of distill.alpha for this student.")
     lr: float | None = Field(None, gt=0, lt=1, description="Override of distill.train.lr (a pruned student starts trained: it wants a smaller one).")
     feature_weight: "FeatureWeights | None" = Field(None, description="Override of distill.feature_weight for this student.")
+    per_method: "dict[str, MethodSettings]" = Field(
+        default_factory=dict,
+        description="Settings of one method on this student, over the student's and distill's (e.g. the values "
+        "`python -m benchmarks.tune` picked on validation): {method: {lr, alpha, temperature, feature_weight}}.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -258,7 +263,19 @@ class StudentConfig(_Strict):
             raise ValueError("path is required when init is 'path'")
         if self.prune_layers is not None and sorted(set(self.prune_layers)) != list(self.prune_layers):
             raise ValueError(f"prune_layers must be ascending and unique, got {self.prune_layers}")
+        unknown = sorted(set(self.per_method) - set(METHODS))
+        if unknown:
+            raise ValueError(f"per_method: unknown method(s) {unknown}; valid: {list(METHODS)}")
         return self
+
+
+class MethodSettings(_Strict):
+    """One method's settings on one student; a key left out (None) falls back to the student's, then distill's."""
+
+    lr: float | None = Field(None, gt=0, lt=1, description="Learning rate (over students.<name>.lr and distill.train.lr).")
+    alpha: float | None = Field(None, ge=0, le=1, description="Weight of the logit KD term (over students.<name>.alpha and distill.alpha).")
+    temperature: float | None = Field(None, gt=0, description="KD temperature tau (over distill.temperature).")
+    feature_weight: float | None = Field(None, ge=0, description="beta of this method's feature term (over the feature_weight maps).")
 
 
 class FeatureWeights(_Strict):
@@ -425,6 +442,15 @@ class FlexKDConfig(_Strict):
                 f"students: every trained student must have the same hidden_size (the relevance index's k); got {sorted(sizes)}"
             )
         generative = self.data.is_generation
+        if generative and self.teacher_cache.enabled:
+            for name in self.distill.students:
+                for method, settings in self.students[name].per_method.items():
+                    if settings.temperature is not None and settings.temperature != self.distill.temperature:
+                        raise ValueError(
+                            f"students.{name}.per_method.{method}.temperature: a generation teacher cache holds the "
+                            f"teacher's probabilities at distill.temperature ({self.distill.temperature}); drop the "
+                            "override or set teacher_cache.enabled: false"
+                        )
         if generative and self.teacher_cache.enabled and self.distill.teacher_top_k is None:
             raise ValueError(
                 "teacher_cache.enabled: a generation cache stores top-k teacher logits; set distill.teacher_top_k "

@@ -84,14 +84,29 @@ def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: li
     return cache
 
 
+def method_settings(cfg: FlexKDConfig, student: str, method: str) -> dict[str, float]:
+    """lr, alpha, temperature and beta of one (student, method): students.<s>.per_method.<m>, else the student's
+    own key, else distill's (beta: 0 for a method without a feature term)."""
+    dcfg, scfg = cfg.distill, cfg.student(student)
+    own = scfg.per_method.get(method)
+    weights = scfg.feature_weight or dcfg.feature_weight
+
+    def pick(key, student_value, default):
+        value = getattr(own, key) if own is not None else None
+        return value if value is not None else (student_value if student_value is not None else default)
+
+    return {"lr": pick("lr", scfg.lr, dcfg.train.lr), "alpha": pick("alpha", scfg.alpha, dcfg.alpha),
+            "temperature": pick("temperature", None, dcfg.temperature),
+            "beta": pick("feature_weight", None, getattr(weights, method, 0.0))}
+
+
 def stage_params(cfg: FlexKDConfig, student: str, method: str) -> dict[str, Any]:
     """The settings one distill run depends on (logged to MLflow; part of its checkpoint fingerprint)."""
     dcfg, scfg = cfg.distill, cfg.student(student)
-    weights = scfg.feature_weight or dcfg.feature_weight
-    params = {"student_name": student, "method": method, "distill": dcfg.model_dump(), "student": scfg.model_dump(),
-              "alpha": scfg.alpha if scfg.alpha is not None else dcfg.alpha, "beta": getattr(weights, method, 0.0),
-              "lr": scfg.lr if scfg.lr is not None else dcfg.train.lr, "seed": cfg.project.seed,
-              "runtime": cfg.runtime_fingerprint()}
+    student_dump = scfg.model_dump()
+    student_dump["per_method"] = {method: student_dump["per_method"][method]} if method in scfg.per_method else {}
+    params = {"student_name": student, "method": method, "distill": dcfg.model_dump(), "student": student_dump,
+              **method_settings(cfg, student, method), "seed": cfg.project.seed, "runtime": cfg.runtime_fingerprint()}
     if cfg.data.is_generation:
         params["generation"] = cfg.generation.model_dump()
     return params
@@ -126,7 +141,7 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     runtime = runtime or task.runtime
     dcfg, scfg = cfg.distill, cfg.student(student)
     params = stage_params(cfg, student, method)
-    settings = dcfg.train.model_copy(update={"lr": scfg.lr}) if scfg.lr is not None else dcfg.train
+    settings = dcfg.train.model_copy(update={"lr": params["lr"]})
 
     data_fp = split_fingerprint(paths.prepared)
     teacher_hash = weights_hash(paths.teacher)
@@ -157,7 +172,7 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
 
     alpha, beta = params["alpha"], params["beta"]
     objective_args = dict(
-        alpha=alpha, temperature=dcfg.temperature, feature_weight=beta, flexkd_kind=dcfg.flexkd_loss,
+        alpha=alpha, temperature=params["temperature"], feature_weight=beta, flexkd_kind=dcfg.flexkd_loss,
         barlow_lambda_off=dcfg.barlow_lambda_off, student_hidden=hidden_size(model), logit_loss=dcfg.logit_loss,
         jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha,
         shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,

@@ -307,3 +307,34 @@ def test_the_report_says_when_no_gpu_ran_the_device_check():
     assert "**not run yet**: no GPU has been lent" in "\n".join(render_runtime({}))
     tiny_only = {"device_check": {"tiny": True}}
     assert "**not run yet**" in "\n".join(render_runtime(tiny_only))
+
+
+def test_the_report_shows_each_tuning_file_with_its_picks(tmp_path):
+    from benchmarks.run import render_tuning, runtime_sections
+
+    block = {"task": "sst2", "seed": 42, "trials": 2, "primary_metric": "accuracy", "teacher_validation": 0.86,
+             "space": {"lr": "student lr x 10^[-0.75, 0.75]", "alpha": "[0.1, 0.9]", "temperature": "2^[0, 3]",
+                       "feature_weight": "10^[-3, 0]"},
+             "budget": {"data.max_train": 6000, "distill.train.epochs": 2},
+             "results": {"pruned/flexkd": {
+                 "trials": [{"trial": 0, "settings": {"lr": 3e-4, "alpha": 0.5, "temperature": 2.0, "feature_weight": 0.1},
+                             "validation": 0.80},
+                            {"trial": 1, "settings": {"lr": 1e-4, "alpha": 0.7, "temperature": 4.0, "feature_weight": 0.03},
+                             "validation": 0.83}],
+                 "default_validation": 0.80,
+                 "pick": {"trial": 1, "settings": {"lr": 1e-4, "alpha": 0.7, "temperature": 4.0, "feature_weight": 0.03},
+                          "validation": 0.83, "test": 0.815}},
+                 "pruned/ft": {
+                 "trials": [{"trial": 0, "settings": {"lr": 3e-4, "alpha": 0.5, "temperature": 2.0, "feature_weight": 0.0},
+                             "validation": 0.78}],
+                 "default_validation": 0.78,
+                 "pick": {"trial": 0, "settings": {"lr": 3e-4}, "validation": 0.78, "test": 0.77}}}}
+    (tmp_path / "tuning-sst2.json").write_text(json.dumps(block))
+    sections = runtime_sections(tmp_path)
+    assert set(sections["tuning"]) == {"sst2"}
+    text = "\n".join(render_tuning(sections))
+    assert "## Tuning: the same trials for every method, on validation" in text
+    assert "| pruned | flexkd | 80.00 | 83.00 (trial 1) | 81.50 | 0.0001 | 0.7 | 4 | 0.03 |" in text
+    assert "| pruned | ft | 78.00 | 78.00 (trial 0) | 77.00 | 0.0003 |  |  |  |" in text
+    assert "2 trials per method" in text and "data.max_train 6000" in text
+    assert render_tuning({}) == []

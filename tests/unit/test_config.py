@@ -127,3 +127,43 @@ def test_profiles_are_the_documented_set():
     assert alpaca.data.format == "instruction" and alpaca.k == 288
     assert {s.init for s in alpaca.students.values()} == {"prune", "random"}
     assert {"ft", "kd", "projector", "flexkd"} <= set(alpaca.distill.methods)
+
+
+def test_per_method_settings_win_over_the_student_s_and_distill_s(raw):
+    from flexkd.distill import method_settings, stage_params
+
+    raw["students"]["pruned"]["lr"] = 1e-4
+    raw["students"]["pruned"]["per_method"] = {"flexkd": {"lr": 5e-5, "temperature": 4.0, "feature_weight": 0.5},
+                                               "kd": {"alpha": 0.9}}
+    cfg = parse_config(raw)
+    assert method_settings(cfg, "pruned", "flexkd") == {"lr": 5e-5, "alpha": raw["distill"]["alpha"], "temperature": 4.0,
+                                                       "beta": 0.5}
+    assert method_settings(cfg, "pruned", "kd") == {"lr": 1e-4, "alpha": 0.9, "temperature": raw["distill"]["temperature"],
+                                                   "beta": 0.0}
+    assert method_settings(cfg, "pruned", "cka") == {"lr": 1e-4, "alpha": raw["distill"]["alpha"],
+                                                    "temperature": raw["distill"]["temperature"],
+                                                    "beta": raw["distill"]["feature_weight"]["cka"]}
+    assert method_settings(cfg, "random", "flexkd")["lr"] == raw["distill"]["train"]["lr"]
+    # a run's params (its checkpoint fingerprint) hold its own method's overrides only
+    assert stage_params(cfg, "pruned", "kd")["student"]["per_method"] == {
+        "kd": {"lr": None, "alpha": 0.9, "temperature": None, "feature_weight": None}}
+    assert stage_params(cfg, "pruned", "cka")["student"]["per_method"] == {}
+
+
+def test_per_method_names_known_methods_and_keys(raw):
+    raw["students"]["pruned"]["per_method"] = {"flexk": {"lr": 1e-4}}
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['flexk'\]"):
+        parse_config(raw)
+    raw["students"]["pruned"]["per_method"] = {"flexkd": {"learning_rate": 1e-4}}
+    with pytest.raises(ConfigError, match="students.pruned.per_method.flexkd.learning_rate: unknown key"):
+        parse_config(raw)
+
+
+def test_a_generation_cache_refuses_a_per_method_temperature():
+    raw = yaml.safe_load((REPO / "profiles" / "alpaca.yaml").read_text())
+    student = raw["distill"]["students"][0]
+    raw["students"][student]["per_method"] = {"kd": {"temperature": raw["distill"]["temperature"] * 2}}
+    with pytest.raises(ConfigError, match="holds the teacher's probabilities at distill.temperature"):
+        parse_config(raw)
+    raw["teacher_cache"]["enabled"] = False
+    parse_config(raw)

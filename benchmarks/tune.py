@@ -1,0 +1,294 @@
+"""Same-trials tuning: ``python -m benchmarks.tune``: every method tuned the same way, on validation only.
+
+For one profile (default ``params.yaml``) and one seed, the shared stages run once (prepare, fine-tune the teacher,
+select the units, fill the teacher cache: :mod:`flexkd.stages`, the code the pipeline's flows run); then each
+student set-up x method trains ``--trials`` times. The trials are the same list for every method:
+
+- trial 0 is the profile's own settings (so tuning can only match or beat them on validation);
+- trials 1.. are points of a scrambled Sobol sequence (seeded with ``project.seed``) over four dimensions:
+  the learning rate (the student's own lr x 10^[-0.75, 0.75]), alpha in [0.1, 0.9], the temperature in
+  2^[0, 3] = [1, 8], and the feature weight beta in 10^[-3, 0].
+
+A method reads the dimensions it has (ft: lr; kd: lr, alpha, temperature; projector, cka, flexkd: all four), so
+trial i gives every method the same learning rate, alpha and temperature. The pick of each (student, method) is its
+best trial on the validation split (``evaluate.primary_metric``; ties: the earlier trial); the test split is scored
+for the pick only, after every trial ran, and reported. Each trial's record is written as it finishes, so an
+interrupted run continues. Writes ``--output`` (default benchmarks/tuning-<task>.json; ``python -m benchmarks.run`` puts every such file
+in BENCHMARKS.md) and prints the picks as a ``students.<name>.per_method`` block to paste into the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIMENSIONS = ("lr", "alpha", "temperature", "feature_weight")
+USES = {"ft": ("lr",), "kd": ("lr", "alpha", "temperature")}  # every other method: all four
+LR_DECADES = 0.75  # the learning rate spans the student's lr x 10^[-0.75, 0.75]
+# Keys the trials never change: the shared stages (prepare, teacher, relevance, cache) are reused while they hold.
+TUNED_STUDENT_KEYS = ("per_method", "lr", "alpha", "feature_weight")
+
+
+def dims_of(method: str) -> tuple[str, ...]:
+    return USES.get(method, DIMENSIONS)
+
+
+def trial_points(n: int, seed: int) -> list[dict[str, float] | None]:
+    """``n`` trials: None (the profile's settings), then n - 1 scrambled Sobol points in [0, 1)^4, by dimension."""
+    import torch
+
+    if n < 1:
+        raise ValueError(f"--trials must be at least 1, got {n}")
+    engine = torch.quasirandom.SobolEngine(len(DIMENSIONS), scramble=True, seed=seed)
+    points = engine.draw(n - 1).tolist() if n > 1 else []
+    return [None] + [dict(zip(DIMENSIONS, point)) for point in points]
+
+
+def settings_for(point: dict[str, float] | None, method: str, base_lr: float) -> dict[str, float]:
+    """One trial's settings for one method (empty for trial 0: the profile's own)."""
+    if point is None:
+        return {}
+    values = {"lr": base_lr * 10 ** (LR_DECADES * (2 * point["lr"] - 1)),
+              "alpha": 0.1 + 0.8 * point["alpha"],
+              "temperature": 2 ** (3 * point["temperature"]),
+              "feature_weight": 10 ** (3 * point["feature_weight"] - 3)}
+    return {key: float(f"{values[key]:.3g}") for key in dims_of(method)}
+
+
+def shared_key(raw: dict) -> dict:
+    """The params the shared stages depend on (everything but the tuned keys)."""
+    key = {name: value for name, value in raw.items() if name != "distill"}
+    key["students"] = {name: {k: v for k, v in spec.items() if k not in TUNED_STUDENT_KEYS}
+                       for name, spec in raw.get("students", {}).items()}
+    distill = raw.get("distill", {})
+    key["distill"] = {k: distill.get(k) for k in ("students", "methods", "temperature", "teacher_top_k")}
+    return key
+
+
+def with_settings(raw: dict, student: str, method: str, settings: dict[str, float]) -> dict:
+    """``raw`` with ``settings`` as students.<student>.per_method.<method>."""
+    out = json.loads(json.dumps(raw))
+    per_method = out["students"][student].setdefault("per_method", {}) or {}
+    per_method[method] = {**(per_method.get(method) or {}), **settings}
+    out["students"][student]["per_method"] = per_method
+    return out
+
+
+def run_shared(root: Path, raw: dict):
+    """prepare, teacher, relevance and cache in ``root`` (skipped when they finished with the same shared params)."""
+    from flexkd import stages
+    from flexkd.config import parse_config
+    from flexkd.project import Paths, read_json, write_json
+    from flexkd.tasks import task_for
+
+    cfg = parse_config(raw, source=str(root))
+    paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+    task = task_for(cfg)
+    done = root / "shared.json"
+    if done.exists() and read_json(done).get("key") == shared_key(raw):
+        print(f"{root}: shared stages reused")
+        return read_json(done)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    began = time.perf_counter()
+    task.prepare(task.load_raw(), paths.prepared)
+    teacher = stages.finetune_teacher(cfg, paths, task)
+    stages.select_units(cfg, paths, task, plot=False)
+    stages.teacher_cache(cfg, paths, task)
+    record = {"key": shared_key(raw), "teacher_validation": teacher["validation"],
+              "seconds": round(time.perf_counter() - began, 1)}
+    write_json(done, record)
+    return record
+
+
+def trial_dir(root: Path, trial: int, student: str, method: str) -> Path:
+    return root / "tune" / f"trial-{trial}" / student / method
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPaths:
+    """The project's paths, with each trial's student written under ``tune/trial-<i>/``."""
+
+    base: object
+    trial: int
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def student(self, student: str, method: str) -> Path:
+        return trial_dir(self.base.root, self.trial, student, method)
+
+    def distill_metrics(self, student: str, method: str) -> Path:
+        return self.student(student, method).parent / f"{method}.metrics.json"
+
+
+def run_trial(root: Path, raw: dict, student: str, method: str, trial: int, settings: dict,
+              force: bool = False) -> dict:
+    """Train one (student, method) with one trial's settings; its record (reused when it finished before, unless
+    ``force``)."""
+    from flexkd import stages
+    from flexkd.config import parse_config
+    from flexkd.project import Paths, read_json, write_json
+    from flexkd.tasks import task_for
+
+    record_path = root / "tune" / "records" / f"{student}-{method}-{trial}.json"
+    params = with_settings(raw, student, method, settings)
+    if record_path.exists() and not force:
+        record = read_json(record_path)
+        if record.get("params") == params:
+            return record
+    cfg = parse_config(params, source=f"{root} trial {trial}")
+    paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+    began = time.perf_counter()
+    out = stages.distill(cfg, TrialPaths(paths, trial), task_for(cfg), student, method)
+    summary = out["summary"]
+    for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):  # finished: no resume needed
+        shutil.rmtree(scratch, ignore_errors=True)
+    record = {"trial": trial, "student": student, "method": method, "settings": settings, "params": params,
+              "resolved": {"lr": summary["lr"], "alpha": summary["alpha"], "temperature": summary["temperature"],
+                           "feature_weight": summary["beta"]},
+              "validation": out["scores"], "best_step": summary["best_step"], "steps": summary["steps"],
+              "seconds": round(time.perf_counter() - began, 1)}
+    write_json(record_path, record)
+    return record
+
+
+def pick(records: list[dict], metric: str) -> dict:
+    """The trial best on validation (ties: the earlier trial)."""
+    return max(records, key=lambda r: (r["validation"][metric], -r["trial"]))
+
+
+def test_score(root: Path, raw: dict, student: str, method: str, trial: int) -> dict:
+    from flexkd.config import parse_config
+    from flexkd.models import load_tokenizer
+    from flexkd.project import Paths
+    from flexkd.tasks import task_for
+
+    cfg = parse_config(raw, source=str(root))
+    paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+    task = task_for(cfg)
+    directory = trial_dir(root, trial, student, method)
+    model = task.load_model(str(directory)).to(task.runtime.device)
+    return task.test_scores(model, load_tokenizer(str(paths.teacher)), paths.prepared)[0]
+
+
+def tune(raw: dict, root: Path, students: list[str], methods: list[str], trials: int, keep_all: bool = False) -> dict:
+    from flexkd.config import parse_config
+    from flexkd.distill import method_settings
+    from flexkd.train import set_threads
+
+    set_threads()
+    raw = json.loads(json.dumps(raw))
+    raw["distill"]["students"], raw["distill"]["methods"] = list(students), list(methods)
+    cfg = parse_config(raw, source="tuning")
+    metric = cfg.evaluate.primary_metric
+    shared = run_shared(root, raw)
+    points = trial_points(trials, cfg.project.seed)
+    results: dict[str, dict] = {}
+    for student in students:
+        base_lr = method_settings(cfg, student, "ft")["lr"]
+        for method in methods:
+            records = []
+            for index, point in enumerate(points):
+                record = run_trial(root, raw, student, method, index, settings_for(point, method, base_lr))
+                records.append(record)
+                print(f"{student}/{method} trial {index}: {record['resolved']} -> validation {metric} "
+                      f"{record['validation'][metric]:.4f} ({record['seconds']:.0f}s)")
+            best = pick(records, metric)
+            if not trial_dir(root, best["trial"], student, method).exists():  # removed by an earlier, shorter run
+                best = run_trial(root, raw, student, method, best["trial"], best["settings"], force=True)
+            test = test_score(root, raw, student, method, best["trial"])
+            if not keep_all:  # the picks' checkpoints stay; the others are only records
+                for record in records:
+                    if record["trial"] != best["trial"]:
+                        shutil.rmtree(trial_dir(root, record["trial"], student, method), ignore_errors=True)
+            results[f"{student}/{method}"] = {
+                "trials": [{"trial": r["trial"], "settings": r["resolved"], "validation": r["validation"][metric],
+                            "best_step": r["best_step"], "seconds": r["seconds"]} for r in records],
+                "default_validation": records[0]["validation"][metric],
+                "pick": {"trial": best["trial"], "settings": {k: best["resolved"][k] for k in dims_of(method)},
+                         "validation": best["validation"][metric], "test": test[metric]},
+            }
+    return {"seed": cfg.project.seed, "task": cfg.data.task, "primary_metric": metric, "trials": trials,
+            "students": students, "methods": methods, "teacher_validation": shared["teacher_validation"][metric],
+            "space": {"lr": f"student lr x 10^[-{LR_DECADES}, {LR_DECADES}]", "alpha": "[0.1, 0.9]",
+                      "temperature": "2^[0, 3]", "feature_weight": "10^[-3, 0]"},
+            "budget": {"data.max_train": raw["data"].get("max_train"), "distill.train.epochs": raw["distill"]["train"]["epochs"]},
+            "results": results}
+
+
+def per_method_yaml(result: dict) -> str:
+    """The picks as a students.<name>.per_method block (paste into the profile)."""
+    lines = [f"# python -m benchmarks.tune: best of {result['trials']} trials per method on validation "
+             f"({result['task']}, seed {result['seed']})"]
+    for student in result["students"]:
+        lines += [f"  {student}:", "    per_method:"]
+        for method in result["methods"]:
+            settings = result["results"][f"{student}/{method}"]["pick"]["settings"]
+            lines.append(f"      {method}: {{{', '.join(f'{k}: {v:g}' for k, v in settings.items())}}}")
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    metric = result["primary_metric"]
+    lines = [f"`python -m benchmarks.tune` ({result['task']}, seed {result['seed']}, {result['trials']} trials per "
+             f"method, the same for every method: trial 0 the profile's settings, then Sobol points over lr "
+             f"({result['space']['lr']}), alpha {result['space']['alpha']}, temperature {result['space']['temperature']}, "
+             f"feature weight {result['space']['feature_weight']}; budget: "
+             + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
+             + f"). Picked on validation {metric} × 100; the test split scored for the pick only. Teacher: validation "
+             f"{result['teacher_validation'] * 100:.2f}.", "",
+             "| student | method | profile's settings (val) | tuned (val) | test of the pick | lr | alpha | temperature | beta |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, block in result["results"].items():
+        student, method = key.split("/")
+        pick_ = block["pick"]
+        chosen = block["trials"][pick_["trial"]]["settings"]
+        cells = [f"{chosen[k]:g}" if k in dims_of(method) else "" for k in DIMENSIONS]
+        lines.append(f"| {student} | {method} | {block['default_validation'] * 100:.2f} | {pick_['validation'] * 100:.2f} "
+                     f"(trial {pick_['trial']}) | {pick_['test'] * 100:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Tune every method with the same trials, on validation only.")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: the profile's distill.methods")
+    parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/tune-<task>-seed<seed>")
+    parser.add_argument("--output", default=None, help="default: benchmarks/tuning-<task>.json (in BENCHMARKS.md)")
+    parser.add_argument("--keep-all", action="store_true", help="keep every trial's student, not only the picks")
+    args = parser.parse_args(argv)
+    from benchmarks.runtime import load_profile
+    from flows.pipeline import parse_set
+
+    raw = load_profile(Path(args.params), parse_set(args.set))
+    students = args.students or raw["distill"]["students"]
+    methods = args.methods or raw["distill"]["methods"]
+    seed = raw.get("project", {}).get("seed", 42)
+    root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"tune-{raw['data']['task']}-seed{seed}"
+    result = tune(raw, root, students, methods, args.trials, keep_all=args.keep_all)
+    result["params"] = str(args.params)
+    result["overrides"] = parse_set(args.set)
+    from benchmarks.run import machine
+
+    result["machine"] = machine()
+    output = Path(args.output) if args.output else REPO / "benchmarks" / f"tuning-{raw['data']['task']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(render(result))
+    print(per_method_yaml(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
