@@ -89,22 +89,27 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
         path = directory / name
         if path.exists():
             out[key] = json.loads(path.read_text())
-    tuning = {path.stem.removeprefix("tuning-"): json.loads(path.read_text())
-              for path in sorted(directory.glob("tuning-*.json"))}  # python -m benchmarks.tune, one file a task
-    if tuning:
-        out["tuning"] = tuning
+    for key in ("tuning", "ablation"):  # python -m benchmarks.tune / benchmarks.ablate: one file a task
+        found = {path.stem.removeprefix(f"{key}-"): json.loads(path.read_text())
+                 for path in sorted(directory.glob(f"{key}-*.json"))}
+        if found:
+            out[key] = found
     return out
 
 
 def render_tuning(results: dict) -> list[str]:
+    from benchmarks.ablate import render as render_ablation
     from benchmarks.tune import render as render_table
 
-    tuning = results.get("tuning") or {}
-    if not tuning:
-        return []
-    lines = ["## Tuning: the same trials for every method, on validation", ""]
-    for block in tuning.values():
-        lines += render_table(block).splitlines() + [""]
+    lines = []
+    for key, title, render_block in (
+            ("tuning", "Tuning: the same trials for every method, on validation", render_table),
+            ("ablation", "Ablations: what Flex-KD leaves open, on validation", render_ablation)):
+        blocks = results.get(key) or {}
+        if blocks:
+            lines += [f"## {title}", ""]
+            for block in blocks.values():
+                lines += render_block(block).splitlines() + [""]
     return lines
 
 

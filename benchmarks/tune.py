@@ -80,8 +80,9 @@ def with_settings(raw: dict, student: str, method: str, settings: dict[str, floa
     return out
 
 
-def run_shared(root: Path, raw: dict):
-    """prepare, teacher, relevance and cache in ``root`` (skipped when they finished with the same shared params)."""
+def run_shared(root: Path, raw: dict, must_match: bool = False):
+    """prepare, teacher, relevance and cache in ``root`` (skipped when they finished with the same shared params;
+    otherwise ``root`` is emptied and they run, unless ``must_match``: then the mismatch is an error)."""
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.project import Paths, read_json, write_json
@@ -94,6 +95,11 @@ def run_shared(root: Path, raw: dict):
     if done.exists() and read_json(done).get("key") == shared_key(raw):
         print(f"{root}: shared stages reused")
         return read_json(done)
+    if must_match:
+        found = read_json(done)["key"] if done.exists() else None
+        differs = sorted(k for k in shared_key(raw) if found is None or found.get(k) != shared_key(raw)[k])
+        raise SystemExit(f"{root}: not a workspace of these params (differs in: {', '.join(differs) or 'all'}); "
+                         "give the same profile and --set overrides it was made with, or leave --base-dir out")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -113,20 +119,21 @@ def trial_dir(root: Path, trial: int, student: str, method: str) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrialPaths:
-    """The project's paths, with each trial's student written under ``tune/trial-<i>/``."""
+class OutputPaths:
+    """The project's paths, with the students written under ``directory/<student>/<method>`` (and their metrics
+    beside them) instead of the pipeline's runs/ and metrics/."""
 
     base: object
-    trial: int
+    directory: Path
 
     def __getattr__(self, name):
         return getattr(self.base, name)
 
     def student(self, student: str, method: str) -> Path:
-        return trial_dir(self.base.root, self.trial, student, method)
+        return self.directory / student / method
 
     def distill_metrics(self, student: str, method: str) -> Path:
-        return self.student(student, method).parent / f"{method}.metrics.json"
+        return self.directory / student / f"{method}.metrics.json"
 
 
 def run_trial(root: Path, raw: dict, student: str, method: str, trial: int, settings: dict,
@@ -147,7 +154,7 @@ def run_trial(root: Path, raw: dict, student: str, method: str, trial: int, sett
     cfg = parse_config(params, source=f"{root} trial {trial}")
     paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
     began = time.perf_counter()
-    out = stages.distill(cfg, TrialPaths(paths, trial), task_for(cfg), student, method)
+    out = stages.distill(cfg, OutputPaths(paths, root / "tune" / f"trial-{trial}"), task_for(cfg), student, method)
     summary = out["summary"]
     for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):  # finished: no resume needed
         shutil.rmtree(scratch, ignore_errors=True)

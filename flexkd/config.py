@@ -220,7 +220,9 @@ class TeacherConfig(_Strict):
 
 
 class RelevanceConfig(_Strict):
-    method: Literal["grad", "grad_x_act", "fisher"] = Field("grad", description="Unit score: |dL/dH|, |dL/dH * H| or (dL/dH)^2.")
+    method: Literal["grad", "grad_x_act", "fisher", "random"] = Field(
+        "grad", description="Unit score: |dL/dH|, |dL/dH * H| or (dL/dH)^2; random: a draw seeded by project.seed, "
+        "no teacher pass (the control: does the relevance selection beat chance?).")
     n_examples: int = Field(2048, gt=0, description="Training examples scored (the first n of the prepared train split).")
     batch_size: int = Field(64, gt=0, description="Examples per scoring batch.")
     order: Literal["index", "score"] = Field("index", description="Pairing order: student unit i ↔ S[i], S sorted by index or score.")

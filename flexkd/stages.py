@@ -118,11 +118,19 @@ def select_units(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None = Non
     teacher.to(task.runtime.device, dtype=task.runtime.teacher_dtype)
     collate = task.collate(tokenizer)
     rcfg = cfg.relevance
-    features = task.features(paths.prepared, "train", tokenizer, limit=rcfg.n_examples)
-    batches = (collate(features[i : i + rcfg.batch_size]) for i in range(0, len(features), rcfg.batch_size))
-    with resources.compute():
-        scores, n_examples = score_units(teacher, batches, method=rcfg.method, max_examples=rcfg.n_examples,
-                                         task=task.relevance_task)
+    if rcfg.method == "random":  # the control: k units drawn at random, seeded
+        import torch
+
+        from flexkd.models import hidden_size
+
+        generator = torch.Generator().manual_seed(cfg.project.seed)
+        scores, n_examples = torch.rand(hidden_size(teacher), generator=generator, dtype=torch.float64), 0
+    else:
+        features = task.features(paths.prepared, "train", tokenizer, limit=rcfg.n_examples)
+        batches = (collate(features[i : i + rcfg.batch_size]) for i in range(0, len(features), rcfg.batch_size))
+        with resources.compute():
+            scores, n_examples = score_units(teacher, batches, method=rcfg.method, max_examples=rcfg.n_examples,
+                                             task=task.relevance_task)
     index = RelevanceIndex.from_scores(scores, cfg.k, method=rcfg.method, n_examples=n_examples,
                                        teacher=teacher_info["spec"], teacher_weights_hash=teacher_hash,
                                        data_fingerprint=data_fp, order=rcfg.order)

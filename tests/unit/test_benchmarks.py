@@ -338,3 +338,22 @@ def test_the_report_shows_each_tuning_file_with_its_picks(tmp_path):
     assert "| pruned | ft | 78.00 | 78.00 (trial 0) | 77.00 | 0.0003 |  |  |  |" in text
     assert "2 trials per method" in text and "data.max_train 6000" in text
     assert render_tuning({}) == []
+
+
+def test_the_report_shows_each_ablation_file(tmp_path):
+    from benchmarks.run import render_tuning, runtime_sections
+
+    row = lambda name, student, values, diff: {  # noqa: E731
+        "variant": name, "student": student, "values": values, "mean": sum(values) / len(values), "std": 0.0,
+        "minus_base": diff, "minus_base_std": 0.0}
+    block = {"task": "cola", "primary_metric": "mcc", "seeds": [42], "students": ["random", "pruned"],
+             "variants": {"base": {}, "order:score": {"relevance.order": "score"}},
+             "table": {"base/random": row("base", "random", [0.2], 0.0), "base/pruned": row("base", "pruned", [0.3], 0.0),
+                       "order:score/random": row("order:score", "random", [0.25], 0.05)},
+             "budget": {"data.max_train": None, "distill.train.epochs": 3}, "tuning": "tuning-cola.json"}
+    (tmp_path / "ablation-cola.json").write_text(json.dumps(block))
+    text = "\n".join(render_tuning(runtime_sections(tmp_path)))
+    assert "## Ablations: what Flex-KD leaves open, on validation" in text
+    assert "| base | 20.00 ± 0.00 |  | 30.00 ± 0.00 |  |" in text
+    assert "| order:score (`relevance.order: score`) | 25.00 ± 0.00 | +5.00 ± 0.00 | n/a |  |" in text
+    assert "tuned flexkd settings from tuning-cola.json" in text

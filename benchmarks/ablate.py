@@ -1,0 +1,228 @@
+"""What Flex-KD leaves open, against validation: ``python -m benchmarks.ablate``.
+
+Each variant changes one choice of the method and trains the flexkd student of every student set-up with it, seed
+by seed; reported: the validation score (``evaluate.primary_metric``) and its difference to ``base`` paired by seed.
+Nothing here looks at the test split: a variant that helps on validation becomes a param.
+
+Variants (``--variants``, default all):
+- ``base``: the profile as it is (with ``--tuning``: each student's tuned flexkd settings, see benchmarks/tune.py);
+- ``relevance:grad_x_act``, ``relevance:fisher``: the other unit scores;
+- ``relevance:random``: k units drawn at random (the control: what the relevance selection is worth);
+- ``order:score``: the random-init student's unit i paired with the i-th best unit instead of the i-th by index
+  (not run for a pruned student: it is always paired in index order, its units being the teacher's);
+- ``loss:barlow``, ``loss:mse``: the other Flex-KD losses.
+
+Per seed, the shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``; the
+tuning workspace of the same profile and seed is reused with ``--base-dir``); a variant that changes the relevance
+index gets a workspace of its own that links the base's prepared data and teacher and reruns only the relevance
+and cache stages. Each variant's record is written as it finishes, so an interrupted run continues. Writes
+``--output`` (default benchmarks/ablation-<task>.json; ``python -m benchmarks.run`` puts it in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "base": {},
+    "relevance:grad_x_act": {"relevance.method": "grad_x_act"},
+    "relevance:fisher": {"relevance.method": "fisher"},
+    "relevance:random": {"relevance.method": "random"},
+    "order:score": {"relevance.order": "score"},
+    "loss:barlow": {"distill.flexkd_loss": "barlow"},
+    "loss:mse": {"distill.flexkd_loss": "mse"},
+}
+
+
+def with_tuning(raw: dict, tuning: dict | None) -> dict:
+    """``raw`` with the tuned flexkd settings of every student in ``tuning`` (a benchmarks/tune.py result)."""
+    from benchmarks.tune import with_settings
+
+    for key, block in ((tuning or {}).get("results") or {}).items():
+        student, method = key.split("/")
+        if method == "flexkd" and student in raw["students"]:
+            raw = with_settings(raw, student, method, block["pick"]["settings"])
+    return raw
+
+
+def applies(name: str, student: dict) -> bool:
+    """order:score means nothing to a pruned student (its unit i is teacher unit sorted(S)[i] whatever the order)."""
+    return not (name == "order:score" and student.get("init") == "prune")
+
+
+def variant_params(raw: dict, name: str, students: list[str]) -> dict:
+    from flexkd.config import set_dotted
+
+    out = json.loads(json.dumps(raw))
+    out["distill"]["students"], out["distill"]["methods"] = list(students), ["flexkd"]
+    for key, value in VARIANTS[name].items():
+        set_dotted(out, key, value)
+    return out
+
+
+def relevance_root(base: Path, params: dict) -> Path:
+    """The workspace holding this variant's relevance index and cache: the base's own, or one that links the base's
+    prepared data and teacher and reruns the relevance and cache stages."""
+    from flexkd import stages
+    from flexkd.config import parse_config
+    from flexkd.project import Paths, read_json, write_json
+    from flexkd.tasks import task_for
+
+    rel = params["relevance"]
+    if rel == read_json(base / "shared.json")["key"]["relevance"]:
+        return base
+    root = base.parent / f"{base.name}-relevance-{rel.get('method', 'grad')}-{rel.get('order', 'index')}"
+    cfg = parse_config(params, source=str(root))
+    done = root / "relevance.json"
+    if done.exists() and read_json(done).get("relevance") == rel:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    paths, base_paths = (Paths(r, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir) for r in (root, base))
+    for link, target in ((paths.prepared, base_paths.prepared), (paths.teacher, base_paths.teacher)):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    task = task_for(cfg)
+    stages.select_units(cfg, paths, task, plot=False)
+    stages.teacher_cache(cfg, paths, task)
+    write_json(done, {"relevance": rel})
+    return root
+
+
+def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
+    """Train the flexkd student ``student`` under variant ``name``; its record (reused when it finished before)."""
+    from benchmarks.tune import OutputPaths
+    from flexkd import stages
+    from flexkd.config import parse_config
+    from flexkd.project import Paths, read_json, write_json
+    from flexkd.tasks import task_for
+
+    params = variant_params(raw, name, [student])
+    record_path = base / "ablation" / "records" / f"{name.replace(':', '-')}-{student}.json"
+    if record_path.exists():
+        record = read_json(record_path)
+        if record.get("params") == params:
+            return record
+    root = relevance_root(base, params)
+    cfg = parse_config(params, source=f"{base} {name}")
+    paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+    began = time.perf_counter()
+    directory = base / "ablation" / name.replace(":", "-")
+    out = stages.distill(cfg, OutputPaths(paths, directory), task_for(cfg), student, "flexkd")
+    for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-flexkd-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(directory / student, ignore_errors=True)  # the score is what an ablation keeps
+    record = {"variant": name, "student": student, "params": params, "validation": out["scores"],
+              "best_step": out["summary"]["best_step"], "seconds": round(time.perf_counter() - began, 1)}
+    write_json(record_path, record)
+    return record
+
+
+def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str], work: Path,
+           base_dirs: dict[int, Path] | None = None) -> dict:
+    from benchmarks.tune import run_shared
+    from flexkd.config import parse_config
+    from flexkd.train import set_threads
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; valid: {list(VARIANTS)}")
+    if "base" not in variants:
+        variants = ["base", *variants]
+    set_threads()
+    metric = parse_config(raw, source="ablation").evaluate.primary_metric
+    scores: dict[str, dict[str, dict[int, float]]] = {v: {s: {} for s in students} for v in variants}
+    for seed in seeds:
+        seeded = json.loads(json.dumps(raw))
+        seeded["project"]["seed"] = seed
+        base = (base_dirs or {}).get(seed) or work / f"{seeded['data']['task']}-seed{seed}"
+        run_shared(base, seeded, must_match=seed in (base_dirs or {}))
+        for name in variants:
+            for student in students:
+                if not applies(name, seeded["students"][student]):
+                    continue
+                record = run_variant(base, seeded, name, student)
+                scores[name][student][seed] = record["validation"][metric]
+                print(f"seed {seed} {name} {student}/flexkd: validation {metric} {record['validation'][metric]:.4f} "
+                      f"({record['seconds']:.0f}s)")
+    table = {}
+    for name in variants:
+        for student in students:
+            if not scores[name][student]:
+                continue
+            values = [scores[name][student][s] for s in seeds]
+            diffs = [scores[name][student][s] - scores["base"][student][s] for s in seeds]
+            table[f"{name}/{student}"] = {
+                "variant": name, "student": student, "values": values, "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "minus_base": statistics.fmean(diffs), "minus_base_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
+    return {"task": raw["data"]["task"], "primary_metric": metric, "seeds": list(seeds), "students": list(students),
+            "variants": {v: VARIANTS[v] for v in variants}, "table": table,
+            "budget": {"data.max_train": raw["data"].get("max_train"), "distill.train.epochs": raw["distill"]["train"]["epochs"]}}
+
+
+def render(result: dict) -> str:
+    metric = result["primary_metric"]
+    students = result["students"]
+    lines = [f"`python -m benchmarks.ablate` ({result['task']}, the flexkd student, seeds "
+             f"{', '.join(map(str, result['seeds']))}; budget: " + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
+             + f"{'; tuned flexkd settings from ' + result['tuning'] if result.get('tuning') else ''}): validation "
+             f"{metric} × 100, mean ± std over seeds, and Δ against `base` paired by seed.", "",
+             "| variant | " + " | ".join(f"{s} | Δ {s}" for s in students) + " |",
+             "|---|" + "---:|---:|" * len(students)]
+    for name, overrides in result["variants"].items():
+        cells = []
+        for student in students:
+            row = result["table"].get(f"{name}/{student}")
+            if row is None:
+                cells += ["n/a", ""]
+                continue
+            cells += [f"{row['mean'] * 100:.2f} ± {row['std'] * 100:.2f}",
+                      "" if name == "base" else f"{row['minus_base'] * 100:+.2f} ± {row['minus_base_std'] * 100:.2f}"]
+        label = name + (f" (`{', '.join(f'{k}: {v}' for k, v in overrides.items())}`)" if overrides else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Flex-KD's open choices, each against validation.")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--tuning", default=None, help="a benchmarks/tune.py result: use its flexkd picks")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
+    parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "ablation"))
+    parser.add_argument("--base-dir", action="append", default=[], metavar="SEED=DIR",
+                        help="the shared stages of that seed are in DIR (e.g. the tuning workspace)")
+    parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json (in BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    from benchmarks.runtime import load_profile
+    from flows.pipeline import parse_set
+
+    raw = load_profile(Path(args.params), parse_set(args.set))
+    tuning = json.loads(Path(args.tuning).read_text()) if args.tuning else None
+    raw = with_tuning(raw, tuning)
+    students = args.students or raw["distill"]["students"]
+    base_dirs = {int(k): Path(v) for k, _, v in (item.partition("=") for item in args.base_dir)}
+    result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir), base_dirs)
+    result["tuning"] = args.tuning and Path(args.tuning).name
+    from benchmarks.run import machine
+
+    result["machine"] = machine()
+    output = Path(args.output) if args.output else REPO / "benchmarks" / f"ablation-{raw['data']['task']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

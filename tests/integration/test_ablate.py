@@ -1,0 +1,77 @@
+"""benchmarks/ablate.py: each variant changes one choice of Flex-KD and is scored on validation against base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.integration.project import save_tiny_bert, tiny_params
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory, data_dir):
+    from benchmarks import ablate
+
+    root = tmp_path_factory.mktemp("ablate")
+    teacher = save_tiny_bert(root / "teacher_init")
+    params = tiny_params(data_dir, teacher)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    tuning = {"results": {"random/flexkd": {"pick": {"settings": {"lr": 2e-3, "alpha": 0.3, "temperature": 4.0,
+                                                                 "feature_weight": 0.05}}}}}
+    (root / "tuning.json").write_text(json.dumps(tuning))
+    argv = ["--params", str(root / "params.yaml"), "--tuning", str(root / "tuning.json"), "--seeds", "42",
+            "--variants", "relevance:random", "order:score", "loss:mse", "--work-dir", str(root / "work"),
+            "--output", str(root / "ablation.json")]
+    assert ablate.main(argv) == 0
+    return root, argv, params, json.loads((root / "ablation.json").read_text())
+
+
+def test_every_variant_is_scored_on_validation_against_base(ablated):
+    from flexkd.relevance import RelevanceIndex
+
+    root, _, params, result = ablated
+    assert list(result["variants"]) == ["base", "relevance:random", "order:score", "loss:mse"]
+    assert result["seeds"] == [42] and result["students"] == ["random", "pruned"]
+    for student in result["students"]:
+        base = result["table"][f"base/{student}"]
+        assert base["minus_base"] == 0.0
+        for name in result["variants"]:
+            if (name, student) == ("order:score", "pruned"):  # always index order: not run
+                assert f"{name}/{student}" not in result["table"]
+                continue
+            row = result["table"][f"{name}/{student}"]
+            assert 0.0 <= row["mean"] <= 1.0 and row["minus_base"] == pytest.approx(row["mean"] - base["mean"])
+    workspace = root / "work" / "sst2-seed42"
+    # the tuned flexkd settings reached the random student's run, not the pruned one's
+    records = {p.stem: json.loads(p.read_text()) for p in (workspace / "ablation" / "records").glob("*.json")}
+    assert len(records) == 7
+    assert records["base-random"]["params"]["students"]["random"]["per_method"]["flexkd"]["lr"] == 2e-3
+    assert not records["base-pruned"]["params"]["students"]["pruned"].get("per_method")
+    # the control: a seeded random draw of k units, with no teacher pass; the teacher and data are the base's
+    control = root / "work" / "sst2-seed42-relevance-random-index"
+    index = RelevanceIndex.load(control / "data" / "relevance" / "sst2" / "index.json")
+    base_index = RelevanceIndex.load(workspace / "data" / "relevance" / "sst2" / "index.json")
+    assert index.method == "random" and index.n_examples == 0 and index.k == base_index.k
+    assert sorted(index.indices) != sorted(base_index.indices)
+    assert (control / "runs" / "teacher" / "sst2").resolve() == (workspace / "runs" / "teacher" / "sst2").resolve()
+    # order:score pairs the random-init student with units in score order
+    ordered = RelevanceIndex.load(root / "work" / "sst2-seed42-relevance-grad-score" / "data" / "relevance" / "sst2" / "index.json")
+    assert sorted(ordered.indices) == sorted(base_index.indices) and ordered.indices != base_index.indices
+    text = __import__("benchmarks.ablate", fromlist=["render"]).render(result)
+    assert "| relevance:random (`relevance.method: random`) |" in text
+
+
+def test_a_rerun_reuses_the_records_and_a_foreign_base_dir_is_refused(ablated, capsys):
+    from benchmarks import ablate
+
+    root, argv, params, result = ablated
+    assert ablate.main(argv) == 0
+    assert json.loads((root / "ablation.json").read_text())["table"] == result["table"]
+    other = dict(params)
+    other["teacher"] = {**params["teacher"], "max_length": 24}
+    (root / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(SystemExit, match="not a workspace of these params \\(differs in: teacher\\)"):
+        ablate.main(["--params", str(root / "other.yaml"), "--seeds", "42", "--variants", "loss:mse",
+                     "--base-dir", f"42={root / 'work' / 'sst2-seed42'}", "--output", str(root / "other.json")])
