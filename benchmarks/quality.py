@@ -136,7 +136,47 @@ def aggregate(records: list[dict]) -> dict:
         flex, proj = table.get(f"{student}/flexkd"), table.get(f"{student}/projector")
         if flex and proj and len(flex) == len(proj):
             result["flexkd_minus_projector"][student] = _mean_std([f - p for f, p in zip(flex, proj)])
+    picks = [(r["evaluation"]["selection"]["best"], r["evaluation"]) for r in records
+             if (r["evaluation"].get("selection") or {}).get("best")]
+    if picks:  # the student each run picked on validation (the registered one): its test score over the teacher's
+        result["best_student"] = {
+            "picks": [name for name, _ in picks],
+            "over_teacher": _mean_std([e["students"][name][primary] / e["teacher"][primary] for name, e in picks]),
+            "parameter_ratio": _mean_std([e["students"][name]["parameters"] / e["teacher"]["parameters"]
+                                          for name, e in picks if e["teacher"].get("parameters")]),
+        }
     return result
+
+
+def budget(params: dict) -> dict:
+    """The data and training budget of a run's params (said beside its table)."""
+    teacher, train = params["teacher"]["finetune"], params["distill"]["train"]
+    return {"data.max_train": params["data"].get("max_train"), "teacher epochs": teacher.get("epochs"),
+            "teacher patience": teacher.get("patience"), "student epochs": train.get("epochs")}
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """The quality section of an earlier results.json with this run's: a profile this run did not touch is kept as
+    it was; a profile run again keeps the earlier seeds this run did not rerun (same params but the seed), so the
+    table grows seed by seed across runs. Blocks without per-seed records (older files) are replaced."""
+    merged = dict(old or {})
+    for name, block in new.items():
+        before = merged.get(name)
+        if not before or "records" not in before or "records" not in block:
+            merged[name] = block
+            continue
+        def unseeded(params):
+            return {**params, "project": {k: v for k, v in params["project"].items() if k != "seed"}}
+
+        seeds = {r["params"]["project"]["seed"] for r in block["records"]}
+        kept = [r for r in before["records"] if r["params"]["project"]["seed"] not in seeds
+                and unseeded(r["params"]) == unseeded(block["records"][0]["params"])]
+        records = sorted(kept + block["records"], key=lambda r: r["params"]["project"]["seed"])
+        kept_seeds = {r["params"]["project"]["seed"] for r in kept}
+        runs = sorted([r for r in before["runs"] if r["seed"] in kept_seeds] + block["runs"], key=lambda r: r["seed"])
+        merged[name] = {**block, "records": records, "runs": runs, "quality": aggregate(records),
+                        "sanity": block.get("sanity") or before.get("sanity")}
+    return merged
 
 
 @task(name="relevance-sanity")
@@ -175,7 +215,7 @@ def overhead(record: dict) -> dict:
 
 
 @flow(name="flexkd-benchmark-quality", log_prints=True)
-def quality_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
                  overrides: dict | None = None, sanity: bool = True) -> dict:
     work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
     results = {}
@@ -192,6 +232,8 @@ def quality_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (42,
             "task": records[0]["evaluation"]["task"],
             "quality": aggregate(records),
             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in records],
+            "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
+            "budget": budget(records[0]["params"]),
             "sanity": relevance_sanity(first, records[0]["params"]) if sanity else None,
         }
     return results

@@ -48,9 +48,9 @@ def machine() -> dict:
 
 
 @flow(name="flexkd-benchmark", log_prints=True)
-def benchmark_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
                    overrides: dict | None = None, rounds: int = 12, output: str | None = None,
-                   speed_from: str | None = None) -> dict:
+                   speed_from: str | None = None, fresh: bool = False) -> dict:
     from benchmarks.quality import quality_flow
     from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
 
@@ -70,9 +70,15 @@ def benchmark_flow(profiles: list[str] = ("sst2", "cola"), seeds: list[int] = (4
             "distill_steps": distill_step_times(first, rounds=rounds),
             "cache_sizes": cache_sizes(first),
         }
-    results = {"machine": machine(), "profiles": list(profiles), "seeds": list(seeds), "overrides": overrides or {},
-               "quality": quality, "speed": speed, **runtime_sections()}
     out = Path(output) if output else REPO
+    earlier = out / "benchmarks" / "results.json"
+    if earlier.exists() and not fresh:  # profiles and seeds of earlier runs stay; this run's replace their own
+        from benchmarks.quality import merge
+
+        quality = merge(json.loads(earlier.read_text()).get("quality"), quality)
+    all_seeds = sorted({run["seed"] for block in quality.values() for run in block["runs"]})
+    results = {"machine": machine(), "profiles": list(quality), "seeds": all_seeds, "overrides": overrides or {},
+               "quality": quality, "speed": speed, **runtime_sections()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks").mkdir(exist_ok=True)
     (out / "benchmarks" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -245,8 +251,9 @@ def render(results: dict) -> str:
                       "single part is most of it. What would cut it is fewer processes (the ten distill stages are "
                       "separate DVC stages so that each student is cached and rerun on its own)."]
     first_profile = next(iter(results["quality"]))
-    stages = results["quality"][first_profile]["runs"][0]["stages"]
-    lines += ["", f"Peak resident memory per stage ({first_profile}, seed {results['seeds'][0]}):", "",
+    first_run = results["quality"][first_profile]["runs"][0]
+    stages = first_run["stages"]
+    lines += ["", f"Peak resident memory per stage ({first_profile}, seed {first_run['seed']}):", "",
               "| stage run | peak RSS (MiB) | compute (s) | stage (s) |", "|---|---:|---:|---:|"]
     for name, stage in stages.items():
         lines.append(f"| {name} | {stage['peak_rss_mb']:.0f} | {stage['compute_seconds']:.1f} | {stage['stage_seconds']:.1f} |")
@@ -270,7 +277,18 @@ def render(results: dict) -> str:
             cells = [_pm(scores[f"{student}/{method}"], scale) if f"{student}/{method}" in scores else "" for method in methods]
             delta = quality["flexkd_minus_projector"].get(student)
             lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale) if delta else ''} |")
-        lines += ["", f"Teacher: {_pm(scores['teacher'], scale)}.", ""]
+        lines += ["", f"Teacher: {_pm(scores['teacher'], scale)}."]
+        best = quality.get("best_student")
+        if best:
+            picks = ", ".join(f"{name} ×{count}" for name, count in
+                              sorted(((n, best["picks"].count(n)) for n in set(best["picks"])), key=lambda x: -x[1]))
+            lines += ["", f"The student each run picked on validation ({picks}): test {metric} "
+                          f"**{_pm(best['over_teacher'], 100.0)}%** of the teacher's, with "
+                          f"{best['parameter_ratio']['mean']:.1%} of its parameters."]
+        if block.get("budget"):
+            lines += ["", "Budget: " + ", ".join(f"{k} {'all' if v is None and k == 'data.max_train' else v}"
+                                                 for k, v in block["budget"].items()) + "."]
+        lines.append("")
         sanity = block.get("sanity")
         if sanity:
             lines += [f"Relevance sanity check ({name}, seed {quality['seeds'][0]}): the teacher's test {metric} × 100 "
@@ -285,7 +303,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the benchmarks; write BENCHMARKS.md and benchmarks/results.json.")
-    parser.add_argument("--profiles", nargs="+", default=["sst2", "cola"], help="profile names or params files")
+    parser.add_argument("--profiles", nargs="+", default=["sst2-bench", "cola-bench"], help="profile names or params files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--work-dir", default=None, help="workspaces (default benchmarks/work; reused when complete)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -297,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmark and device check sections of benchmarks/")
     parser.add_argument("--speed-from", default=None, metavar="RESULTS_JSON",
                         help="reuse the speed section of an earlier results.json (measured on the same first workspace)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="write only this run's profiles and seeds (default: keep those of the results.json there)")
     args = parser.parse_args(argv)
     if args.render_from:
         results = {**json.loads(Path(args.render_from).read_text()), **runtime_sections()}
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_set(args.set)
     try:
         benchmark_flow(profiles=args.profiles, seeds=args.seeds, work_dir=args.work_dir, overrides=overrides or None,
-                       rounds=args.rounds, output=args.output, speed_from=args.speed_from)
+                       rounds=args.rounds, output=args.output, speed_from=args.speed_from, fresh=args.fresh)
     except Exception as err:  # noqa: BLE001
         print(f"\nflexkd benchmark failed: {err}", file=sys.stderr)
         return 1

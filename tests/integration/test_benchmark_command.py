@@ -31,6 +31,12 @@ def test_benchmark_command_writes_the_report_and_reuses_finished_runs(tmp_path, 
     assert quality["quality"]["seeds"] == [7] and set(quality["quality"]["scores"]) == {
         "teacher", "random/ft", "random/projector", "random/flexkd"}
     assert "random" in quality["quality"]["flexkd_minus_projector"]
+    best = quality["quality"]["best_student"]  # the evaluate stage's validation pick, over the teacher
+    evaluation = quality["records"][0]["evaluation"]
+    assert best["picks"] == [evaluation["selection"]["best"]]
+    assert best["over_teacher"]["mean"] == pytest.approx(
+        evaluation["students"][best["picks"][0]]["accuracy"] / evaluation["teacher"]["accuracy"])
+    assert "The student each run picked on validation" in report and "Budget: data.max_train 120" in report
     run_record = quality["runs"][0]
     assert 0 < run_record["compute_seconds"] < run_record["wall_seconds"]
     assert {"validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "evaluate"} <= set(run_record["stages"])

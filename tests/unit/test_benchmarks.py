@@ -357,3 +357,57 @@ def test_the_report_shows_each_ablation_file(tmp_path):
     assert "| base | 20.00 ± 0.00 |  | 30.00 ± 0.00 |  |" in text
     assert "| order:score (`relevance.order: score`) | 25.00 ± 0.00 | +5.00 ± 0.00 | n/a |  |" in text
     assert "tuned flexkd settings from tuning-cola.json" in text
+
+
+def picked(rec, best, params_teacher=100, params_student=30):
+    """``rec`` with the validation pick and parameter counts an evaluate stage writes."""
+    out = json.loads(json.dumps(rec))
+    out["evaluation"]["selection"] = {"split": "validation", "best": best}
+    out["evaluation"]["teacher"]["parameters"] = params_teacher
+    for scores in out["evaluation"]["students"].values():
+        scores["parameters"] = params_student
+    out["params"].update(data={"max_train": None}, teacher={"finetune": {"epochs": 3, "patience": 4}},
+                         distill={"train": {"epochs": 1}})
+    return out
+
+
+def block_of(records):
+    from benchmarks.quality import budget
+
+    return {"task": "sst2", "quality": aggregate(records),
+            "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in records],
+            "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
+            "budget": budget(records[0]["params"]), "sanity": None}
+
+
+def test_the_best_student_is_the_validation_pick_over_the_teacher_at_the_parameter_ratio():
+    records = [picked(RECORDS[0], "pruned/projector"), picked(RECORDS[1], "pruned/flexkd"),
+               picked(RECORDS[2], "pruned/flexkd")]
+    best = aggregate(records)["best_student"]
+    expected = [SCORES[1]["pruned/projector"] / TEACHER[1], SCORES[2]["pruned/flexkd"] / TEACHER[2],
+                SCORES[3]["pruned/flexkd"] / TEACHER[3]]
+    assert best["picks"] == ["pruned/projector", "pruned/flexkd", "pruned/flexkd"]
+    assert best["over_teacher"]["mean"] == pytest.approx(statistics.fmean(expected))
+    assert best["parameter_ratio"]["mean"] == pytest.approx(0.3)
+    text = render({**results_for(speed()), "quality": {"sst2-bench": block_of(records)}})
+    assert (f"The student each run picked on validation (pruned/flexkd ×2, pruned/projector ×1): test accuracy "
+            f"**{pm(expected)}%** of the teacher's, with 30.0% of its parameters.") in text
+    assert "Budget: data.max_train all, teacher epochs 3, teacher patience 4, student epochs 1." in text
+
+
+def test_a_benchmark_run_adds_its_seeds_and_profiles_to_the_earlier_results():
+    from benchmarks.quality import merge
+
+    records = [picked(r, "pruned/flexkd") for r in RECORDS]
+    earlier = {"sst2-bench": block_of(records[:2]), "cola-bench": block_of(records[:1])}
+    merged = merge(earlier, {"sst2-bench": block_of(records[2:])})
+    assert merged["cola-bench"] == earlier["cola-bench"]  # untouched profile kept
+    assert merged["sst2-bench"]["quality"] == aggregate(records)  # seeds 1, 2 kept, 3 added
+    assert [r["seed"] for r in merged["sst2-bench"]["runs"]] == [1, 2, 3]
+    rerun = picked(record(2, {**SCORES[2], "pruned/flexkd": 0.5}, TEACHER[2]), "pruned/flexkd")
+    merged = merge(merged, {"sst2-bench": block_of([rerun])})  # a rerun seed replaces its own record
+    assert merged["sst2-bench"]["quality"]["scores"]["pruned/flexkd"]["values"] == [0.74, 0.5, 0.80]
+    changed = picked(record(4, SCORES[1], TEACHER[1]), "pruned/flexkd")
+    changed["params"]["distill"]["train"]["epochs"] = 2  # other params: the earlier seeds do not mix with it
+    merged = merge(merged, {"sst2-bench": block_of([changed])})
+    assert merged["sst2-bench"]["quality"]["seeds"] == [4]

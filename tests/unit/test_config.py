@@ -32,7 +32,7 @@ def test_committed_params_validate():
         (("distill", "train", "batch_size"), 0, "distill.train.batch_size"),
         (("distill", "methods"), ["ft", "distilbert"], "distill.methods"),
         (("distill", "flexkd_loss"), "cosine", "distill.flexkd_loss"),
-        (("relevance", "method"), "random", "relevance.method"),
+        (("relevance", "method"), "saliency", "relevance.method"),
         (("students", "random", "num_heads"), 5, "students.random"),
         (("distill", "students"), ["random", "tiny"], "distill.students"),
         (("evaluate", "primary_metric"), "rougeL", "does not fit data.format"),
