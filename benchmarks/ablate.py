@@ -2,6 +2,8 @@
 
 Each variant changes one choice of the method and trains the flexkd student of every student set-up with it, seed
 by seed; reported: the validation score (``evaluate.primary_metric``) and its difference to ``base`` paired by seed.
+The seeds are the students' (``project.seed`` of the distill runs: init, data order, the random draw of the
+control); the teacher, its relevance scores and cache are one base workspace's, made with the profile's seed.
 Nothing here looks at the test split: a variant that helps on validation becomes a param.
 
 Variants (``--variants``, default all):
@@ -12,8 +14,8 @@ Variants (``--variants``, default all):
   (not run for a pruned student: it is always paired in index order, its units being the teacher's);
 - ``loss:barlow``, ``loss:mse``: the other Flex-KD losses.
 
-Per seed, the shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``; the
-tuning workspace of the same profile and seed is reused with ``--base-dir``); a variant that changes the relevance
+The shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``; the tuning
+workspace of the same profile is reused with ``--base-dir``); a variant that changes the relevance
 index gets a workspace of its own that links the base's prepared data and teacher and reruns only the relevance
 and cache stages. Each variant's record is written as it finishes, so an interrupted run continues. Writes
 ``--output`` (default benchmarks/ablation-<task>.json; ``python -m benchmarks.run`` puts it in BENCHMARKS.md).
@@ -78,10 +80,12 @@ def relevance_root(base: Path, params: dict) -> Path:
     rel = params["relevance"]
     if rel == read_json(base / "shared.json")["key"]["relevance"]:
         return base
-    root = base.parent / f"{base.name}-relevance-{rel.get('method', 'grad')}-{rel.get('order', 'index')}"
+    name = f"{base.name}-relevance-{rel.get('method', 'grad')}-{rel.get('order', 'index')}"
+    seed = params["project"]["seed"] if rel.get("method") == "random" else None  # each seed its own draw
+    root = base.parent / (name + (f"-seed{seed}" if seed is not None else ""))
     cfg = parse_config(params, source=str(root))
     done = root / "relevance.json"
-    if done.exists() and read_json(done).get("relevance") == rel:
+    if done.exists() and read_json(done) == {"relevance": rel, "seed": seed}:
         return root
     if root.exists():
         shutil.rmtree(root)
@@ -92,7 +96,7 @@ def relevance_root(base: Path, params: dict) -> Path:
     task = task_for(cfg)
     stages.select_units(cfg, paths, task, plot=False)
     stages.teacher_cache(cfg, paths, task)
-    write_json(done, {"relevance": rel})
+    write_json(done, {"relevance": rel, "seed": seed})
     return root
 
 
@@ -105,7 +109,8 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
     from flexkd.tasks import task_for
 
     params = variant_params(raw, name, [student])
-    record_path = base / "ablation" / "records" / f"{name.replace(':', '-')}-{student}.json"
+    seed = params["project"]["seed"]
+    record_path = base / "ablation" / "records" / f"{name.replace(':', '-')}-{student}-seed{seed}.json"
     if record_path.exists():
         record = read_json(record_path)
         if record.get("params") == params:
@@ -126,7 +131,7 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
 
 
 def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str], work: Path,
-           base_dirs: dict[int, Path] | None = None) -> dict:
+           base_dir: Path | None = None) -> dict:
     from benchmarks.tune import run_shared
     from flexkd.config import parse_config
     from flexkd.train import set_threads
@@ -139,11 +144,11 @@ def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str]
     set_threads()
     metric = parse_config(raw, source="ablation").evaluate.primary_metric
     scores: dict[str, dict[str, dict[int, float]]] = {v: {s: {} for s in students} for v in variants}
+    base = base_dir or work / f"{raw['data']['task']}-seed{raw['project']['seed']}"
+    run_shared(base, raw, must_match=base_dir is not None)
     for seed in seeds:
         seeded = json.loads(json.dumps(raw))
         seeded["project"]["seed"] = seed
-        base = (base_dirs or {}).get(seed) or work / f"{seeded['data']['task']}-seed{seed}"
-        run_shared(base, seeded, must_match=seed in (base_dirs or {}))
         for name in variants:
             for student in students:
                 if not applies(name, seeded["students"][student]):
@@ -164,6 +169,7 @@ def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str]
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "minus_base": statistics.fmean(diffs), "minus_base_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
     return {"task": raw["data"]["task"], "primary_metric": metric, "seeds": list(seeds), "students": list(students),
+            "teacher_seed": raw["project"]["seed"],
             "variants": {v: VARIANTS[v] for v in variants}, "table": table,
             "budget": {"data.max_train": raw["data"].get("max_train"), "distill.train.epochs": raw["distill"]["train"]["epochs"]}}
 
@@ -171,8 +177,8 @@ def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str]
 def render(result: dict) -> str:
     metric = result["primary_metric"]
     students = result["students"]
-    lines = [f"`python -m benchmarks.ablate` ({result['task']}, the flexkd student, seeds "
-             f"{', '.join(map(str, result['seeds']))}; budget: " + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
+    lines = [f"`python -m benchmarks.ablate` ({result['task']}, the flexkd student, student seeds "
+             f"{', '.join(map(str, result['seeds']))} with the teacher of seed {result.get('teacher_seed', '?')}; budget: " + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
              + f"{'; tuned flexkd settings from ' + result['tuning'] if result.get('tuning') else ''}): validation "
              f"{metric} × 100, mean ± std over seeds, and Δ against `base` paired by seed.", "",
              "| variant | " + " | ".join(f"{s} | Δ {s}" for s in students) + " |",
@@ -196,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--tuning", default=None, help="a benchmarks/tune.py result: use its flexkd picks")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="the students' seeds")
     parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "ablation"))
-    parser.add_argument("--base-dir", action="append", default=[], metavar="SEED=DIR",
-                        help="the shared stages of that seed are in DIR (e.g. the tuning workspace)")
+    parser.add_argument("--base-dir", default=None, metavar="DIR",
+                        help="the shared stages are in DIR (e.g. the tuning workspace of the same profile)")
     parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json (in BENCHMARKS.md)")
     args = parser.parse_args(argv)
     from benchmarks.runtime import load_profile
@@ -211,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning = json.loads(Path(args.tuning).read_text()) if args.tuning else None
     raw = with_tuning(raw, tuning)
     students = args.students or raw["distill"]["students"]
-    base_dirs = {int(k): Path(v) for k, _, v in (item.partition("=") for item in args.base_dir)}
-    result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir), base_dirs)
+    result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir),
+                    Path(args.base_dir) if args.base_dir else None)
     result["tuning"] = args.tuning and Path(args.tuning).name
     from benchmarks.run import machine
 

@@ -21,7 +21,7 @@ def ablated(tmp_path_factory, data_dir):
     tuning = {"results": {"random/flexkd": {"pick": {"settings": {"lr": 2e-3, "alpha": 0.3, "temperature": 4.0,
                                                                  "feature_weight": 0.05}}}}}
     (root / "tuning.json").write_text(json.dumps(tuning))
-    argv = ["--params", str(root / "params.yaml"), "--tuning", str(root / "tuning.json"), "--seeds", "42",
+    argv = ["--params", str(root / "params.yaml"), "--tuning", str(root / "tuning.json"), "--seeds", "42", "43",
             "--variants", "relevance:random", "order:score", "loss:mse", "--work-dir", str(root / "work"),
             "--output", str(root / "ablation.json")]
     assert ablate.main(argv) == 0
@@ -33,7 +33,7 @@ def test_every_variant_is_scored_on_validation_against_base(ablated):
 
     root, _, params, result = ablated
     assert list(result["variants"]) == ["base", "relevance:random", "order:score", "loss:mse"]
-    assert result["seeds"] == [42] and result["students"] == ["random", "pruned"]
+    assert result["seeds"] == [42, 43] and result["students"] == ["random", "pruned"]
     for student in result["students"]:
         base = result["table"][f"base/{student}"]
         assert base["minus_base"] == 0.0
@@ -46,15 +46,18 @@ def test_every_variant_is_scored_on_validation_against_base(ablated):
     workspace = root / "work" / "sst2-seed42"
     # the tuned flexkd settings reached the random student's run, not the pruned one's
     records = {p.stem: json.loads(p.read_text()) for p in (workspace / "ablation" / "records").glob("*.json")}
-    assert len(records) == 7
-    assert records["base-random"]["params"]["students"]["random"]["per_method"]["flexkd"]["lr"] == 2e-3
-    assert not records["base-pruned"]["params"]["students"]["pruned"].get("per_method")
+    assert len(records) == 14
+    assert records["base-random-seed43"]["params"]["students"]["random"]["per_method"]["flexkd"]["lr"] == 2e-3
+    assert not records["base-pruned-seed42"]["params"]["students"]["pruned"].get("per_method")
     # the control: a seeded random draw of k units, with no teacher pass; the teacher and data are the base's
-    control = root / "work" / "sst2-seed42-relevance-random-index"
+    control = root / "work" / "sst2-seed42-relevance-random-index-seed42"
     index = RelevanceIndex.load(control / "data" / "relevance" / "sst2" / "index.json")
     base_index = RelevanceIndex.load(workspace / "data" / "relevance" / "sst2" / "index.json")
     assert index.method == "random" and index.n_examples == 0 and index.k == base_index.k
     assert sorted(index.indices) != sorted(base_index.indices)
+    other_draw = RelevanceIndex.load(root / "work" / "sst2-seed42-relevance-random-index-seed43" / "data" / "relevance"
+                                     / "sst2" / "index.json")
+    assert sorted(other_draw.indices) != sorted(index.indices)  # each student seed its own draw
     assert (control / "runs" / "teacher" / "sst2").resolve() == (workspace / "runs" / "teacher" / "sst2").resolve()
     # order:score pairs the random-init student with units in score order
     ordered = RelevanceIndex.load(root / "work" / "sst2-seed42-relevance-grad-score" / "data" / "relevance" / "sst2" / "index.json")
@@ -74,4 +77,4 @@ def test_a_rerun_reuses_the_records_and_a_foreign_base_dir_is_refused(ablated, c
     (root / "other.yaml").write_text(yaml.safe_dump(other))
     with pytest.raises(SystemExit, match="not a workspace of these params \\(differs in: teacher\\)"):
         ablate.main(["--params", str(root / "other.yaml"), "--seeds", "42", "--variants", "loss:mse",
-                     "--base-dir", f"42={root / 'work' / 'sst2-seed42'}", "--output", str(root / "other.json")])
+                     "--base-dir", str(root / "work" / "sst2-seed42"), "--output", str(root / "other.json")])
