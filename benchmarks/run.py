@@ -286,7 +286,7 @@ def render(results: dict) -> str:
                           f"**{_pm(best['over_teacher'], 100.0)}%** of the teacher's, with "
                           f"{best['parameter_ratio']['mean']:.1%} of its parameters."]
         if block.get("budget"):
-            lines += ["", "Budget: " + ", ".join(f"{k} {'all' if v is None and k == 'data.max_train' else v}"
+            lines += ["", "Budget: " + ", ".join(f"{k} {v if v is not None else 'all' if k == 'data.max_train' else 'none'}"
                                                  for k, v in block["budget"].items()) + "."]
         lines.append("")
         sanity = block.get("sanity")
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_from:
         results = {**json.loads(Path(args.render_from).read_text()), **runtime_sections()}
         out = Path(args.output) if args.output else REPO
+        out.mkdir(parents=True, exist_ok=True)
         (out / "BENCHMARKS.md").write_text(render(results))
         print(f"wrote {out / 'BENCHMARKS.md'} from {args.render_from}")
         return 0
