@@ -70,22 +70,28 @@ def variant_params(raw: dict, name: str, students: list[str]) -> dict:
 
 
 def relevance_root(base: Path, params: dict) -> Path:
-    """The workspace holding this variant's relevance index and cache: the base's own, or one that links the base's
-    prepared data and teacher and reruns the relevance and cache stages."""
+    """The workspace holding the relevance index and cache ``params`` need (their relevance settings, k = the
+    students' hidden size, the seed of a random draw): the base's own, or one that links the base's prepared data
+    and teacher and reruns the relevance and cache stages."""
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.project import Paths, read_json, write_json
     from flexkd.tasks import task_for
 
+    from flexkd.relevance import RelevanceIndex
+
     rel = params["relevance"]
-    if rel == read_json(base / "shared.json")["key"]["relevance"]:
+    cfg = parse_config(params, source=str(base))
+    base_k = RelevanceIndex.load(Paths(base, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir).relevance
+                                 / "index.json").k
+    if rel == read_json(base / "shared.json")["key"]["relevance"] and cfg.k == base_k:
         return base
     name = f"{base.name}-relevance-{rel.get('method', 'grad')}-{rel.get('order', 'index')}"
     seed = params["project"]["seed"] if rel.get("method") == "random" else None  # each seed its own draw
-    root = base.parent / (name + (f"-seed{seed}" if seed is not None else ""))
-    cfg = parse_config(params, source=str(root))
+    root = base.parent / (name + (f"-k{cfg.k}" if cfg.k != base_k else "") + (f"-seed{seed}" if seed is not None else ""))
     done = root / "relevance.json"
-    if done.exists() and read_json(done) == {"relevance": rel, "seed": seed}:
+    record = {"relevance": rel, "k": cfg.k, "seed": seed}
+    if done.exists() and read_json(done) == record:
         return root
     if root.exists():
         shutil.rmtree(root)
@@ -96,7 +102,7 @@ def relevance_root(base: Path, params: dict) -> Path:
     task = task_for(cfg)
     stages.select_units(cfg, paths, task, plot=False)
     stages.teacher_cache(cfg, paths, task)
-    write_json(done, {"relevance": rel, "seed": seed})
+    write_json(done, record)
     return root
 
 

@@ -95,7 +95,7 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
         path = directory / name
         if path.exists():
             out[key] = json.loads(path.read_text())
-    for key in ("tuning", "ablation"):  # python -m benchmarks.tune / benchmarks.ablate: one file a task
+    for key in ("tuning", "ablation", "curve"):  # python -m benchmarks.tune / .ablate / .curve: one file a task
         found = {path.stem.removeprefix(f"{key}-"): json.loads(path.read_text())
                  for path in sorted(directory.glob(f"{key}-*.json"))}
         if found:
@@ -105,12 +105,14 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
 
 def render_tuning(results: dict) -> list[str]:
     from benchmarks.ablate import render as render_ablation
+    from benchmarks.curve import render as render_curve
     from benchmarks.tune import render as render_table
 
     lines = []
     for key, title, render_block in (
             ("tuning", "Tuning: the same trials for every method, on validation", render_table),
-            ("ablation", "Ablations: what Flex-KD leaves open, on validation", render_ablation)):
+            ("ablation", "Ablations: what Flex-KD leaves open, on validation", render_ablation),
+            ("curve", "Student size: pruned width x depth at a fixed budget, on validation", render_curve)):
         blocks = results.get(key) or {}
         if blocks:
             lines += [f"## {title}", ""]

@@ -1,0 +1,154 @@
+"""The student-size curve: ``python -m benchmarks.curve``: which pruned student to train, measured.
+
+For a profile (default ``profiles/alpaca.yaml``) and one seed, each (width, depth) of ``--widths`` x ``--depths``
+is a pruned student (``students.<--student>``: hidden size = width = k, the relevance-selected teacher units;
+``num_layers`` = depth; MLP channels scaled with the width) trained with ``--method`` (default kd) for the same
+fixed budget (``--steps`` optimizer steps) from the teacher cache, then scored on the validation split (generation:
+the teacher-forced response NLL; classification: the primary metric). Reported per size: parameters, their share of
+the teacher's, the validation score and seconds; the pick is the best validation score among the sizes with at
+most ``--max-ratio`` of the teacher's parameters. Nothing here reads the test split.
+
+The shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``); each width gets
+the relevance index and cache of its own k (``benchmarks.ablate.relevance_root``), linked to the base's data and
+teacher. Each size's record is written as it finishes, so an interrupted run continues. Writes ``--output``
+(default benchmarks/curve-<task>.json; ``python -m benchmarks.run`` puts it in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sized(raw: dict, student: str, method: str, width: int, depth: int, steps: int, d_teacher: int,
+          teacher_intermediate: int | None) -> dict:
+    """``raw`` training only ``student`` at this width and depth with ``method`` for ``steps`` steps."""
+    out = json.loads(json.dumps(raw))
+    spec = out["students"][student]
+    spec.update(hidden_size=width, num_layers=depth, prune_layers=None)
+    if teacher_intermediate:
+        spec["intermediate_size"] = max(1, round(teacher_intermediate * width / d_teacher))
+    out["distill"]["students"], out["distill"]["methods"] = [student], [method]
+    out["distill"]["train"]["max_steps"] = steps
+    out["distill"]["train"]["patience"] = None
+    return out
+
+
+def score_of(scores: dict, generation: bool, metric: str) -> float:
+    return scores["loss"] if generation else scores[metric]
+
+
+def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], depths: list[int], steps: int,
+          max_ratio: float) -> dict:
+    from benchmarks.ablate import relevance_root
+    from benchmarks.tune import OutputPaths, run_shared
+    from flexkd import stages
+    from flexkd.config import parse_config
+    from flexkd.models import count_parameters, hidden_size
+    from flexkd.project import Paths, read_json, write_json
+    from flexkd.tasks import task_for
+    from flexkd.train import set_threads
+
+    set_threads()
+    cfg = parse_config(raw, source="curve")
+    if cfg.student(student).init != "prune":
+        raise SystemExit(f"--student {student}: the curve is of pruned students (init: prune), not {cfg.student(student).init}")
+    generation = cfg.data.is_generation
+    metric = cfg.evaluate.primary_metric
+    run_shared(root, raw)
+    paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
+    teacher = task_for(cfg).load_model(str(paths.teacher))
+    d_teacher, teacher_params = hidden_size(teacher), count_parameters(teacher)
+    teacher_intermediate = getattr(teacher.config, "intermediate_size", None)
+    n_layers = teacher.config.num_hidden_layers
+    del teacher
+    rows = []
+    for width in widths:
+        for depth in depths:
+            if width > d_teacher or depth > n_layers:
+                raise SystemExit(f"width {width} / depth {depth}: the teacher has {d_teacher} units and {n_layers} layers")
+            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate)
+            record_path = root / "curve" / "records" / f"w{width}-d{depth}.json"
+            record = read_json(record_path) if record_path.exists() else None
+            if record is None or record.get("params") != params:
+                sized_cfg = parse_config(params, source=f"curve w{width} d{depth}")
+                where = relevance_root(root, params)
+                size_paths = Paths(where, sized_cfg.data.task, sized_cfg.project.runs_dir, sized_cfg.project.work_dir)
+                directory = root / "curve" / f"w{width}-d{depth}"
+                began = time.perf_counter()
+                out = stages.distill(sized_cfg, OutputPaths(size_paths, directory), task_for(sized_cfg), student, method)
+                for scratch in (where / sized_cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):
+                    shutil.rmtree(scratch, ignore_errors=True)
+                shutil.rmtree(directory, ignore_errors=True)
+                record = {"params": params, "width": width, "depth": depth,
+                          "parameters": out["summary"]["parameters"], "validation": out["scores"],
+                          "steps": out["summary"]["steps_run"], "seconds": round(time.perf_counter() - began, 1)}
+                write_json(record_path, record)
+            value = score_of(record["validation"], generation, metric)
+            rows.append({"width": width, "depth": depth, "parameters": record["parameters"],
+                         "parameter_ratio": record["parameters"] / teacher_params, "validation": value,
+                         "steps": record["steps"], "seconds": record["seconds"]})
+            print(f"width {width} depth {depth}: {record['parameters'] / 1e6:.1f}M parameters "
+                  f"({rows[-1]['parameter_ratio']:.1%}), validation {'NLL' if generation else metric} {value:.4f}")
+    eligible = [r for r in rows if r["parameter_ratio"] <= max_ratio]
+    best = (min if generation else max)(eligible, key=lambda r: r["validation"]) if eligible else None
+    return {"task": cfg.data.task, "seed": cfg.project.seed, "student": student, "method": method, "steps": steps,
+            "batch_size": cfg.distill.train.batch_size, "score": "validation NLL" if generation else f"validation {metric}",
+            "lower_is_better": generation, "teacher_parameters": teacher_params, "max_ratio": max_ratio,
+            "rows": rows, "pick": best}
+
+
+def render(result: dict) -> str:
+    lines = [f"`python -m benchmarks.curve` ({result['task']}, seed {result['seed']}): pruned `{result['student']}` "
+             f"students trained with {result['method']} for {result['steps']} steps of {result['batch_size']} from the "
+             f"teacher cache; {result['score']} ({'lower' if result['lower_is_better'] else 'higher'} is better). The "
+             f"teacher has {result['teacher_parameters'] / 1e6:.1f}M parameters.", "",
+             "| width | depth | parameters | share of the teacher's | " + result["score"] + " | seconds |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['width']} | {row['depth']} | {row['parameters'] / 1e6:.1f}M | {row['parameter_ratio']:.1%} "
+                     f"| {row['validation']:.4f} | {row['seconds']:.0f} |")
+    pick = result["pick"]
+    lines += ["", f"Pick (best with at most {result['max_ratio']:.0%} of the teacher's parameters): "
+                  + (f"width {pick['width']}, depth {pick['depth']}." if pick else "none fits.")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pruned student width x depth against validation, at a fixed budget.")
+    parser.add_argument("--params", default=str(REPO / "profiles" / "alpaca.yaml"), help="the profile")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--student", default="pruned", help="the student set-up to size (init: prune)")
+    parser.add_argument("--method", default="kd")
+    parser.add_argument("--widths", nargs="+", type=int, default=[192, 288, 384])
+    parser.add_argument("--depths", nargs="+", type=int, default=[6, 10, 15])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of every size (the fixed budget)")
+    parser.add_argument("--max-ratio", type=float, default=0.5, help="largest share of the teacher's parameters")
+    parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/curve-<task>-seed<seed>")
+    parser.add_argument("--output", default=None, help="default: benchmarks/curve-<task>.json (in BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    from benchmarks.runtime import load_profile
+    from flows.pipeline import parse_set
+
+    raw = load_profile(Path(args.params), parse_set(args.set))
+    seed = raw.get("project", {}).get("seed", 42)
+    root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"curve-{raw['data']['task']}-seed{seed}"
+    result = curve(raw, root, args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
+    from benchmarks.run import machine
+
+    result["machine"] = machine()
+    output = Path(args.output) if args.output else REPO / "benchmarks" / f"curve-{raw['data']['task']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

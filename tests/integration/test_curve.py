@@ -1,0 +1,50 @@
+"""benchmarks/curve.py: pruned students of several widths and depths, one fixed budget, scored on validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.integration.project import save_tiny_llama, tiny_generation_params
+
+
+def test_every_size_trains_the_same_budget_and_the_pick_fits_the_parameter_share(tmp_path, data_dir, capsys):
+    from benchmarks import curve
+    from flexkd.relevance import RelevanceIndex
+
+    teacher = save_tiny_llama(tmp_path / "teacher_init")
+    params = tiny_generation_params("alpaca", data_dir, teacher)
+    (tmp_path / "alpaca.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "alpaca.yaml"), "--widths", "8", "16", "--depths", "1", "2", "--steps", "3",
+            "--max-ratio", "0.8", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "curve.json")]
+    assert curve.main(argv) == 0
+    result = json.loads((tmp_path / "curve.json").read_text())
+    rows = {(r["width"], r["depth"]): r for r in result["rows"]}
+    assert set(rows) == {(8, 1), (8, 2), (16, 1), (16, 2)} and result["score"] == "validation NLL"
+    assert all(r["steps"] == 3 for r in rows.values())  # the same fixed budget for every size
+    # wider and deeper students hold more parameters; every score is a finite NLL
+    assert rows[(8, 1)]["parameters"] < rows[(16, 1)]["parameters"] < rows[(16, 2)]["parameters"]
+    assert rows[(8, 1)]["parameters"] < rows[(8, 2)]["parameters"]
+    assert all(0 < r["validation"] < 50 for r in rows.values())
+    eligible = [r for r in rows.values() if r["parameter_ratio"] <= 0.8]
+    assert result["pick"] == min(eligible, key=lambda r: r["validation"])
+    # each width its own relevance index of k = width, on the base's teacher
+    k8 = RelevanceIndex.load(tmp_path / "work-relevance-grad-index-k8" / "data" / "relevance" / "alpaca" / "index.json")
+    assert k8.k == 8
+    assert "| 16 | 2 |" in curve.render(result)
+    # a rerun trains nothing again
+    capsys.readouterr()
+    assert curve.main(argv) == 0
+    assert json.loads((tmp_path / "curve.json").read_text())["rows"] == result["rows"]
+    assert "distill pruned/kd" not in capsys.readouterr().err
+
+
+def test_the_curve_refuses_a_student_that_is_not_pruned(tmp_path, data_dir):
+    from benchmarks import curve
+
+    teacher = save_tiny_llama(tmp_path / "teacher_init")
+    (tmp_path / "alpaca.yaml").write_text(yaml.safe_dump(tiny_generation_params("alpaca", data_dir, teacher)))
+    with pytest.raises(SystemExit, match="--student random: the curve is of pruned students"):
+        curve.main(["--params", str(tmp_path / "alpaca.yaml"), "--student", "random", "--work-dir", str(tmp_path / "w")])
