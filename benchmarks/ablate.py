@@ -12,7 +12,8 @@ Variants (``--variants``, default all):
 - ``relevance:random``: k units drawn at random (the control: what the relevance selection is worth);
 - ``order:score``: the random-init student's unit i paired with the i-th best unit instead of the i-th by index
   (not run for a pruned student: it is always paired in index order, its units being the teacher's);
-- ``loss:barlow``, ``loss:mse``: the other Flex-KD losses.
+- ``loss:barlow``, ``loss:mse``: the other Flex-KD losses;
+- ``layers:matched``: the term also on every student layer against its teacher layer (the teacher runs online).
 
 The shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``; the tuning
 workspace of the same profile is reused with ``--base-dir``); a variant that changes the relevance
@@ -40,6 +41,7 @@ VARIANTS = {
     "order:score": {"relevance.order": "score"},
     "loss:barlow": {"distill.flexkd_loss": "barlow"},
     "loss:mse": {"distill.flexkd_loss": "mse"},
+    "layers:matched": {"distill.flexkd_layers": "matched"},
 }
 
 
@@ -131,7 +133,8 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(directory / student, ignore_errors=True)  # the score is what an ablation keeps
     record = {"variant": name, "student": student, "params": params, "validation": out["scores"],
-              "best_step": out["summary"]["best_step"], "seconds": round(time.perf_counter() - began, 1)}
+              "best_step": out["summary"]["best_step"],
+              "teacher_outputs": out["summary"]["teacher_outputs"], "seconds": round(time.perf_counter() - began, 1)}
     write_json(record_path, record)
     return record
 

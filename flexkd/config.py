@@ -307,6 +307,13 @@ class DistillConfig(_Strict):
     )
     skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of the skew forward / reverse KL.")
     students: list[str] = Field(["random"], min_length=1, description="Which entries of `students` to train (each with every method).")
+    flexkd_layers: Literal["last", "matched"] = Field(
+        "last",
+        description="Where the Flex-KD term compares student and selected teacher units: last (the last hidden "
+        "states, as the method specifies) or matched (also every student layer with its teacher layer: "
+        "prune_layers, else num_layers evenly spaced, the term averaged over the pairs; the teacher runs online, "
+        "the cache holding the last layer only).",
+    )
     barlow_lambda_off: float = Field(
         5e-3, ge=0,
         description="Off-diagonal weight of the barlow variant, relative to its diagonal term as in Barlow Twins "

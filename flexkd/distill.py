@@ -177,6 +177,16 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
         jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha,
         shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,
     )
+    layer_pairs = None
+    if method == "flexkd" and dcfg.flexkd_layers == "matched":  # student layer i <-> teacher layer [i]
+        from flexkd.tasks import teacher_layers_for
+
+        layer_pairs = [(i + 1, t + 1) for i, t in enumerate(teacher_layers_for(teacher, scfg))]  # 0: embeddings
+        if teacher_source == "cache" or cfg.teacher_cache.enabled:
+            print("distill.flexkd_layers: matched compares intermediate layers, which the teacher cache does not "
+                  "hold: the teacher runs online")
+            teacher_source = "online"
+    objective_args["layer_pairs"] = layer_pairs
     cache = None
     if teacher_source == "cache" or (teacher_source == "auto" and cfg.teacher_cache.enabled):
         cache = open_cache(cfg, Path(paths.teacher_cache), train, method, units, teacher_hash=teacher_hash,

@@ -699,9 +699,13 @@ class DistillObjective(nn.Module):
         feature_weight: float,
         student_hidden: int,
         teacher_hidden: int,
+        layer_pairs: list[tuple[int, int]] | None = None,
     ):
         super().__init__()
         self.method = method
+        # (student, teacher) indices into the models' hidden_states tuples whose states the feature term compares
+        # (averaged over the pairs); None: the last hidden states only
+        self.layer_pairs = [(int(a), int(b)) for a, b in layer_pairs] if layer_pairs else None
         self.task_term = task_term
         self.kd_term = kd_term
         self.feature_term = feature_term
@@ -737,7 +741,9 @@ class DistillObjective(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The loss is formed in float32 whatever precision the forward passes ran in (autocast off; bf16 or fp16
         # logits and hidden states upcast): softmaxes, KL, correlations and their sums lose too much in 16 bits.
-        def full(t: torch.Tensor | None) -> torch.Tensor | None:
+        def full(t):
+            if isinstance(t, (list, tuple)):
+                return [full(x) for x in t]
             return t.float() if t is not None and t.is_floating_point() else t
 
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
@@ -765,26 +771,36 @@ class DistillObjective(nn.Module):
                     f"teacher_hidden={'set' if teacher_hidden is not None else None}, "
                     f"feature_mask={'set' if feature_mask is not None else None}"
                 )
-            if student_hidden.shape[-1] != self.student_hidden or teacher_hidden.shape[-1] != self.teacher_hidden:
-                raise ConfigError(
-                    f"method {self.method!r} was built for d_S={self.student_hidden}, d_T={self.teacher_hidden} but "
-                    f"got student hidden {tuple(student_hidden.shape)} and teacher hidden "
-                    f"{tuple(teacher_hidden.shape)}"
-                )
-            if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-                raise ConfigError(
-                    f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
-                    "must share (B, T)"
-                )
-            hs = masked_rows(student_hidden, feature_mask)
-            ht = masked_rows(teacher_hidden.detach(), feature_mask)
-            feature = self.feature_term(hs, ht)
-            skipped = hs.shape[0] < self.feature_term.min_rows
+            pairs = (list(zip(student_hidden, teacher_hidden)) if isinstance(student_hidden, (list, tuple))
+                     else [(student_hidden, teacher_hidden)])  # several: matched layers, averaged
+            features, skipped = [], False
+            for sh, th in pairs:
+                feature, rows = self._feature(sh, th, feature_mask)
+                features.append(feature)
+                skipped = skipped or rows < self.feature_term.min_rows
+            feature = torch.stack(features).mean()
             terms[f"feature/{self.feature_term.name}"] = feature
             terms[f"feature/{self.feature_term.name}_skipped"] = torch.tensor(float(skipped), device=feature.device)
             total = total + self.feature_weight * feature
         terms["total"] = total
         return total, {name: value.detach() for name, value in terms.items()}
+
+    def _feature(self, student_hidden, teacher_hidden, feature_mask) -> tuple[torch.Tensor, int]:
+        """The feature term of one (student, teacher) pair of hidden states, and the rows it compared."""
+        if student_hidden.shape[-1] != self.student_hidden or teacher_hidden.shape[-1] != self.teacher_hidden:
+            raise ConfigError(
+                f"method {self.method!r} was built for d_S={self.student_hidden}, d_T={self.teacher_hidden} but "
+                f"got student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                f"{tuple(teacher_hidden.shape)}"
+            )
+        if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+            raise ConfigError(
+                f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+                "must share (B, T)"
+            )
+        hs = masked_rows(student_hidden, feature_mask)
+        ht = masked_rows(teacher_hidden.detach(), feature_mask)
+        return self.feature_term(hs, ht), hs.shape[0]
 
 
 def build_objective(
@@ -803,6 +819,7 @@ def build_objective(
     skew_alpha: float = 0.1,
     shared_vocab: int | None = None,
     teacher_top_k: int | None = None,
+    layer_pairs: list[tuple[int, int]] | None = None,
 ) -> DistillObjective:
     """The objective of one method (``ft``, ``kd``, ``projector``, ``cka``, ``flexkd``); see docs/METHOD.md.
 
@@ -857,4 +874,5 @@ def build_objective(
         feature_weight=feature_weight if feature_term is not None else 0.0,
         student_hidden=student_hidden,
         teacher_hidden=teacher_hidden,
+        layer_pairs=layer_pairs if feature_term is not None else None,
     )

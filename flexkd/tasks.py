@@ -27,6 +27,13 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
+def teacher_layers_for(teacher, scfg: StudentConfig) -> list[int]:
+    """The teacher layer (0-based) each student layer stands for: ``prune_layers``, else ``num_layers`` evenly
+    spaced over the teacher's (first and last kept). A pruned student keeps these layers; Flex-KD's matched
+    layers pair student layer i with teacher layer [i]."""
+    return list(scfg.prune_layers) if scfg.prune_layers else evenly_spaced_layers(_num_layers(teacher), scfg.num_layers)
+
+
 def _num_layers(model) -> int:
     config = model.config
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -88,7 +95,7 @@ class Task:
         if scfg.init == "prune":
             from flexkd.prune import PrunePlan, activation_importance, describe, prune_model
 
-            layers = scfg.prune_layers or evenly_spaced_layers(_num_layers(teacher), scfg.num_layers)
+            layers = teacher_layers_for(teacher, scfg)
             plan = PrunePlan(hidden_units=sorted(selected_units), layers=layers, num_heads=scfg.num_heads,
                              intermediate_size=scfg.intermediate_size)
             heads = channels = None

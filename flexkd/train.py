@@ -637,6 +637,11 @@ def distillation_loss(
     are compared (classification: every non-pad token; generation: the response positions).
     """
     needs_hidden = getattr(objective, "needs_teacher_hidden", False)
+    pairs = getattr(objective, "layer_pairs", None)
+
+    def pick(states, side: int):  # the last hidden states, or one side's (0 student, 1 teacher) of every pair
+        return [states[pair[side]] for pair in pairs] if pairs else states[-1]
+
     if teacher is not None:
         teacher.eval()
         teacher.requires_grad_(False)
@@ -650,10 +655,10 @@ def distillation_loss(
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=needs_hidden)
             teacher_logits = t_out.logits
-            teacher_hidden = t_out.hidden_states[-1] if needs_hidden else None
+            teacher_hidden = pick(t_out.hidden_states, 1) if needs_hidden else None
         return objective(
             student_logits=out.logits,
-            student_hidden=out.hidden_states[-1] if needs_hidden else None,
+            student_hidden=pick(out.hidden_states, 0) if needs_hidden else None,
             labels=batch["labels"],
             feature_mask=feature_mask(batch),
             teacher_logits=teacher_logits,

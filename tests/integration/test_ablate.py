@@ -22,7 +22,7 @@ def ablated(tmp_path_factory, data_dir):
                                                                  "feature_weight": 0.05}}}}}
     (root / "tuning.json").write_text(json.dumps(tuning))
     argv = ["--params", str(root / "params.yaml"), "--tuning", str(root / "tuning.json"), "--seeds", "42", "43",
-            "--variants", "relevance:random", "order:score", "loss:mse", "--work-dir", str(root / "work"),
+            "--variants", "relevance:random", "order:score", "loss:mse", "layers:matched", "--work-dir", str(root / "work"),
             "--output", str(root / "ablation.json")]
     assert ablate.main(argv) == 0
     return root, argv, params, json.loads((root / "ablation.json").read_text())
@@ -32,7 +32,7 @@ def test_every_variant_is_scored_on_validation_against_base(ablated):
     from flexkd.relevance import RelevanceIndex
 
     root, _, params, result = ablated
-    assert list(result["variants"]) == ["base", "relevance:random", "order:score", "loss:mse"]
+    assert list(result["variants"]) == ["base", "relevance:random", "order:score", "loss:mse", "layers:matched"]
     assert result["seeds"] == [42, 43] and result["students"] == ["random", "pruned"]
     for student in result["students"]:
         base = result["table"][f"base/{student}"]
@@ -46,9 +46,12 @@ def test_every_variant_is_scored_on_validation_against_base(ablated):
     workspace = root / "work" / "sst2-seed42"
     # the tuned flexkd settings reached the random student's run, not the pruned one's
     records = {p.stem: json.loads(p.read_text()) for p in (workspace / "ablation" / "records").glob("*.json")}
-    assert len(records) == 14
+    assert len(records) == 18
     assert records["base-random-seed43"]["params"]["students"]["random"]["per_method"]["flexkd"]["lr"] == 2e-3
     assert not records["base-pruned-seed42"]["params"]["students"]["pruned"].get("per_method")
+    # matched layers need the teacher's intermediate layers: online; the others read the cache
+    assert records["layers-matched-random-seed42"]["teacher_outputs"] == "online"
+    assert records["base-random-seed42"]["teacher_outputs"] == "cache"
     # the control: a seeded random draw of k units, with no teacher pass; the teacher and data are the base's
     control = root / "work" / "sst2-seed42-relevance-random-index-seed42"
     index = RelevanceIndex.load(control / "data" / "relevance" / "sst2" / "index.json")

@@ -438,3 +438,57 @@ def test_objective_causal_lm_path():
     rows = torch.tensor([[False, True, True, False], [True, True, False, False]])  # predict a response token
     assert terms["kd"].item() == pytest.approx(_np_kl(student.detach().numpy()[rows], teacher.numpy()[rows], 1.0), rel=1e-5)
     assert terms["task"].item() == pytest.approx(response_nll(student, labels).item())
+
+
+def test_matched_layers_average_the_feature_term_over_the_pairs():
+    first, second = _batch(0), _batch(1)
+    objective = _objective("flexkd", alpha=0.3, feature_weight=2.0, layer_pairs=[(1, 2), (2, 4)])
+    assert objective.layer_pairs == [(1, 2), (2, 4)]
+    total, terms = objective(**{**first, "student_hidden": [first["student_hidden"], second["student_hidden"]],
+                                "teacher_hidden": [first["teacher_hidden"], second["teacher_hidden"]]})
+    mask = first["feature_mask"]
+    per_pair = [flexkd_feature_loss(b["student_hidden"][mask], b["teacher_hidden"][mask][:, UNITS], "pearson").item()
+                for b in (first, second)]
+    assert terms["feature/flexkd"].item() == pytest.approx(sum(per_pair) / 2, rel=1e-6)
+    last_only, _ = _objective("flexkd", alpha=0.3, feature_weight=2.0)(**first)
+    assert total.item() == pytest.approx(last_only.item() + 2.0 * (sum(per_pair) / 2 - per_pair[0]), rel=1e-5)
+    assert _objective("kd", layer_pairs=[(1, 2)]).layer_pairs is None  # no feature term: nothing to match
+
+
+def test_matched_layers_pair_each_student_layer_with_its_teacher_layer_and_run_the_teacher_online(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from flexkd.config import StudentConfig
+    from flexkd.tasks import teacher_layers_for
+    from flexkd.train import distillation_loss
+
+    teacher = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=D_T, num_hidden_layers=6,
+                                                       num_attention_heads=1, intermediate_size=16, num_labels=C))
+    student = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=D_S, num_hidden_layers=3,
+                                                       num_attention_heads=1, intermediate_size=16, num_labels=C))
+    scfg = StudentConfig(num_layers=3, hidden_size=D_S, num_heads=1, intermediate_size=16)
+    assert teacher_layers_for(teacher, scfg) == [0, 2, 5]  # evenly spaced, first and last kept
+    assert teacher_layers_for(teacher, scfg.model_copy(update={"prune_layers": [1, 3, 4]})) == [1, 3, 4]
+    pairs = [(i + 1, t + 1) for i, t in enumerate(teacher_layers_for(teacher, scfg))]
+    seen = {}
+
+    class Spy(nn.Module):  # the objective, recording what the step hands it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.needs_teacher, self.needs_teacher_hidden = inner, True, True
+            self.layer_pairs = inner.layer_pairs
+
+        def forward(self, **kwargs):
+            seen.update(kwargs)
+            return self.inner(**kwargs)
+
+    spy = Spy(_objective("flexkd", layer_pairs=pairs))
+    batch = {"input_ids": torch.randint(0, 50, (B, T)), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    loss, terms = distillation_loss(student, teacher, spy)(student, batch)
+    assert len(seen["student_hidden"]) == 3 and len(seen["teacher_hidden"]) == 3
+    with torch.no_grad():
+        t_states = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True).hidden_states
+    for got, (_, t) in zip(seen["teacher_hidden"], pairs):
+        assert torch.equal(got, t_states[t])
+    assert torch.isfinite(loss) and "feature/flexkd" in terms
