@@ -26,12 +26,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def heads_for(width: int, wanted: int, kv_groups: int) -> int:
+    """The most query heads, at most ``wanted``, that divide ``width`` (the models require it) and keep the same
+    number in every KV group (what pruning can do)."""
+    for heads in range(wanted, 0, -1):
+        if width % heads == 0 and heads % kv_groups == 0:
+            return heads
+    raise SystemExit(f"width {width}: no head count up to {wanted} divides it in whole KV groups of {kv_groups}")
+
+
 def sized(raw: dict, student: str, method: str, width: int, depth: int, steps: int, d_teacher: int,
-          teacher_intermediate: int | None) -> dict:
-    """``raw`` training only ``student`` at this width and depth with ``method`` for ``steps`` steps."""
+          teacher_intermediate: int | None, kv_groups: int = 1) -> dict:
+    """``raw`` training only ``student`` at this width and depth with ``method`` for ``steps`` steps (query heads:
+    the student's, or fewer where the width needs it)."""
     out = json.loads(json.dumps(raw))
     spec = out["students"][student]
     spec.update(hidden_size=width, num_layers=depth, prune_layers=None)
+    if spec.get("num_heads"):
+        spec["num_heads"] = heads_for(width, spec["num_heads"], kv_groups)
     if teacher_intermediate:
         spec["intermediate_size"] = max(1, round(teacher_intermediate * width / d_teacher))
     out["distill"]["students"], out["distill"]["methods"] = [student], [method]
@@ -67,13 +79,14 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     d_teacher, teacher_params = hidden_size(teacher), count_parameters(teacher)
     teacher_intermediate = getattr(teacher.config, "intermediate_size", None)
     n_layers = teacher.config.num_hidden_layers
+    kv_groups = getattr(teacher.config, "num_key_value_heads", None) or 1  # GQA: heads kept evenly per group
     del teacher
     rows = []
     for width in widths:
         for depth in depths:
             if width > d_teacher or depth > n_layers:
                 raise SystemExit(f"width {width} / depth {depth}: the teacher has {d_teacher} units and {n_layers} layers")
-            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate)
+            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate, kv_groups)
             record_path = root / "curve" / "records" / f"w{width}-d{depth}.json"
             record = read_json(record_path) if record_path.exists() else None
             if record is None or record.get("params") != params:
@@ -91,7 +104,8 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
                           "steps": out["summary"]["steps_run"], "seconds": round(time.perf_counter() - began, 1)}
                 write_json(record_path, record)
             value = score_of(record["validation"], generation, metric)
-            rows.append({"width": width, "depth": depth, "parameters": record["parameters"],
+            rows.append({"width": width, "depth": depth, "heads": params["students"][student].get("num_heads"),
+                         "parameters": record["parameters"],
                          "parameter_ratio": record["parameters"] / teacher_params, "validation": value,
                          "steps": record["steps"], "seconds": record["seconds"]})
             print(f"width {width} depth {depth}: {record['parameters'] / 1e6:.1f}M parameters "
@@ -109,10 +123,11 @@ def render(result: dict) -> str:
              f"students trained with {result['method']} for {result['steps']} steps of {result['batch_size']} from the "
              f"teacher cache; {result['score']} ({'lower' if result['lower_is_better'] else 'higher'} is better). The "
              f"teacher has {result['teacher_parameters'] / 1e6:.1f}M parameters.", "",
-             "| width | depth | parameters | share of the teacher's | " + result["score"] + " | seconds |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| width | depth | heads | parameters | share of the teacher's | " + result["score"] + " | seconds |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        lines.append(f"| {row['width']} | {row['depth']} | {row['parameters'] / 1e6:.1f}M | {row['parameter_ratio']:.1%} "
+        lines.append(f"| {row['width']} | {row['depth']} | {row.get('heads') or ''} | {row['parameters'] / 1e6:.1f}M "
+                     f"| {row['parameter_ratio']:.1%} "
                      f"| {row['validation']:.4f} | {row['seconds']:.0f} |")
     pick = result["pick"]
     lines += ["", f"Pick (best with at most {result['max_ratio']:.0%} of the teacher's parameters): "

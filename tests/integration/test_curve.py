@@ -33,7 +33,7 @@ def test_every_size_trains_the_same_budget_and_the_pick_fits_the_parameter_share
     # each width its own relevance index of k = width, on the base's teacher
     k8 = RelevanceIndex.load(tmp_path / "work-relevance-grad-index-k8" / "data" / "relevance" / "alpaca" / "index.json")
     assert k8.k == 8
-    assert "| 16 | 2 |" in curve.render(result)
+    assert "| 16 | 2 | 4 |" in curve.render(result)
     # a rerun trains nothing again
     capsys.readouterr()
     assert curve.main(argv) == 0
@@ -48,3 +48,12 @@ def test_the_curve_refuses_a_student_that_is_not_pruned(tmp_path, data_dir):
     (tmp_path / "alpaca.yaml").write_text(yaml.safe_dump(tiny_generation_params("alpaca", data_dir, teacher)))
     with pytest.raises(SystemExit, match="--student random: the curve is of pruned students"):
         curve.main(["--params", str(tmp_path / "alpaca.yaml"), "--student", "random", "--work-dir", str(tmp_path / "w")])
+
+
+def test_the_head_count_follows_the_width_in_whole_kv_groups():
+    from benchmarks.curve import heads_for
+
+    assert heads_for(288, 9, 3) == 9 and heads_for(384, 9, 3) == 6 and heads_for(480, 9, 3) == 6
+    assert heads_for(192, 6, 1) == 6 and heads_for(100, 6, 1) == 5
+    with pytest.raises(SystemExit, match="width 7: no head count up to 9"):
+        heads_for(7, 9, 3)
