@@ -55,13 +55,15 @@ def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: li
     from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
 
     work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
+    earlier_speed = json.loads(Path(speed_from).read_text()).get("speed") if speed_from else None
+    if speed_from and not earlier_speed:  # checked before hours of runs, not after
+        raise ValueError(f"--speed-from {speed_from}: no speed section in it")
     quality = quality_flow(profiles=list(profiles), seeds=list(seeds), work_dir=str(work), overrides=overrides)
     first = work / f"{Path(profiles[0]).stem}-seed{seeds[0]}"
-    if speed_from:  # the speed section of an earlier run (same workspace), e.g. when only a profile was added
-        speed = json.loads(Path(speed_from).read_text())["speed"]
-        if speed["workspace"] != first.name:
-            raise ValueError(f"--speed-from {speed_from}: measured on {speed['workspace']}, not {first.name}")
-        print(f"speed section reused from {speed_from} (measured {speed.get('measured', 'earlier')})")
+    if earlier_speed:  # the speed section of an earlier run (it names its own workspace), e.g. when a seed was added
+        speed = earlier_speed
+        print(f"speed section reused from {speed_from} (measured on {speed['workspace']}, "
+              f"{speed.get('measured', 'earlier')})")
     else:
         speed = {
             "workspace": first.name,
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: write BENCHMARKS.md from an earlier results.json, with the runtime "
                         "benchmark and device check sections of benchmarks/")
     parser.add_argument("--speed-from", default=None, metavar="RESULTS_JSON",
-                        help="reuse the speed section of an earlier results.json (measured on the same first workspace)")
+                        help="reuse the speed section of an earlier results.json (it names the workspace it was measured on)")
     parser.add_argument("--fresh", action="store_true",
                         help="write only this run's profiles and seeds (default: keep those of the results.json there)")
     args = parser.parse_args(argv)
