@@ -78,9 +78,8 @@ def relevance_root(base: Path, params: dict) -> Path:
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.project import Paths, read_json, write_json
-    from flexkd.tasks import task_for
-
     from flexkd.relevance import RelevanceIndex
+    from flexkd.tasks import task_for
 
     rel = params["relevance"]
     cfg = parse_config(params, source=str(base))
@@ -110,7 +109,7 @@ def relevance_root(base: Path, params: dict) -> Path:
 
 def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
     """Train the flexkd student ``student`` under variant ``name``; its record (reused when it finished before)."""
-    from benchmarks.tune import OutputPaths
+    from benchmarks.tune import OutputPaths, drop_scratch
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.project import Paths, read_json, write_json
@@ -129,8 +128,7 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
     began = time.perf_counter()
     directory = base / "ablation" / name.replace(":", "-")
     out = stages.distill(cfg, OutputPaths(paths, directory), task_for(cfg), student, "flexkd")
-    for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-flexkd-*"):
-        shutil.rmtree(scratch, ignore_errors=True)
+    drop_scratch(root, cfg, student, "flexkd")
     shutil.rmtree(directory / student, ignore_errors=True)  # the score is what an ablation keeps
     record = {"variant": name, "student": student, "params": params, "validation": out["scores"],
               "best_step": out["summary"]["best_step"],
@@ -229,12 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir),
                     Path(args.base_dir) if args.base_dir else None)
     result["tuning"] = args.tuning and Path(args.tuning).name
-    from benchmarks.run import machine
+    from benchmarks.run import write_result
 
-    result["machine"] = machine()
-    output = Path(args.output) if args.output else REPO / "benchmarks" / f"ablation-{raw['data']['task']}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("ablation", result, args.output)
     print(render(result))
     return 0
 

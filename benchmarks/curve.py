@@ -59,7 +59,7 @@ def score_of(scores: dict, generation: bool, metric: str) -> float:
 def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], depths: list[int], steps: int,
           max_ratio: float) -> dict:
     from benchmarks.ablate import relevance_root
-    from benchmarks.tune import OutputPaths, run_shared
+    from benchmarks.tune import OutputPaths, drop_scratch, run_shared
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.models import count_parameters, hidden_size
@@ -96,8 +96,7 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
                 directory = root / "curve" / f"w{width}-d{depth}"
                 began = time.perf_counter()
                 out = stages.distill(sized_cfg, OutputPaths(size_paths, directory), task_for(sized_cfg), student, method)
-                for scratch in (where / sized_cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):
-                    shutil.rmtree(scratch, ignore_errors=True)
+                drop_scratch(where, sized_cfg, student, method)
                 shutil.rmtree(directory, ignore_errors=True)
                 record = {"params": params, "width": width, "depth": depth,
                           "parameters": out["summary"]["parameters"], "validation": out["scores"],
@@ -155,12 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     seed = raw.get("project", {}).get("seed", 42)
     root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"curve-{raw['data']['task']}-seed{seed}"
     result = curve(raw, root, args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
-    from benchmarks.run import machine
+    from benchmarks.run import write_result
 
-    result["machine"] = machine()
-    output = Path(args.output) if args.output else REPO / "benchmarks" / f"curve-{raw['data']['task']}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("curve", result, args.output)
     print(render(result))
     return 0
 

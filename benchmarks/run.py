@@ -105,6 +105,16 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
     return out
 
 
+def write_result(kind: str, result: dict, output: str | None = None) -> Path:
+    """Save a tune / ablation / curve result (with the machine it ran on) where ``runtime_sections`` reads it:
+    benchmarks/<kind>-<task>.json, unless ``output`` names another file."""
+    result["machine"] = machine()
+    path = Path(output) if output else REPO / "benchmarks" / f"{kind}-{result['task']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
 def render_tuning(results: dict) -> list[str]:
     from benchmarks.ablate import render as render_ablation
     from benchmarks.curve import render as render_curve

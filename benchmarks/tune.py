@@ -91,13 +91,13 @@ def run_shared(root: Path, raw: dict, must_match: bool = False):
     cfg = parse_config(raw, source=str(root))
     paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
     task = task_for(cfg)
-    done = root / "shared.json"
-    if done.exists() and read_json(done).get("key") == shared_key(raw):
+    done, key = root / "shared.json", shared_key(raw)
+    found = read_json(done) if done.exists() else None
+    if found is not None and found.get("key") == key:
         print(f"{root}: shared stages reused")
-        return read_json(done)
+        return found
     if must_match:
-        found = read_json(done)["key"] if done.exists() else None
-        differs = sorted(k for k in shared_key(raw) if found is None or found.get(k) != shared_key(raw)[k])
+        differs = sorted(k for k in key if found is None or found["key"].get(k) != key[k])
         raise SystemExit(f"{root}: not a workspace of these params (differs in: {', '.join(differs) or 'all'}); "
                          "give the same profile and --set overrides it was made with, or leave --base-dir out")
     if root.exists():
@@ -108,7 +108,7 @@ def run_shared(root: Path, raw: dict, must_match: bool = False):
     teacher = stages.finetune_teacher(cfg, paths, task)
     stages.select_units(cfg, paths, task, plot=False)
     stages.teacher_cache(cfg, paths, task)
-    record = {"key": shared_key(raw), "teacher_validation": teacher["validation"],
+    record = {"key": key, "teacher_validation": teacher["validation"],
               "seconds": round(time.perf_counter() - began, 1)}
     write_json(done, record)
     return record
@@ -136,6 +136,12 @@ class OutputPaths:
         return self.directory / student / f"{method}.metrics.json"
 
 
+def drop_scratch(root: Path, cfg, student: str, method: str) -> None:
+    """Remove a finished distill run's resumable checkpoints (nothing resumes it: its record is written)."""
+    for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_trial(root: Path, raw: dict, student: str, method: str, trial: int, settings: dict,
               force: bool = False) -> dict:
     """Train one (student, method) with one trial's settings; its record (reused when it finished before, unless
@@ -156,8 +162,7 @@ def run_trial(root: Path, raw: dict, student: str, method: str, trial: int, sett
     began = time.perf_counter()
     out = stages.distill(cfg, OutputPaths(paths, root / "tune" / f"trial-{trial}"), task_for(cfg), student, method)
     summary = out["summary"]
-    for scratch in (root / cfg.project.work_dir).glob(f"distill-{student}-{method}-*"):  # finished: no resume needed
-        shutil.rmtree(scratch, ignore_errors=True)
+    drop_scratch(root, cfg, student, method)
     record = {"trial": trial, "student": student, "method": method, "settings": settings, "params": params,
               "resolved": {"lr": summary["lr"], "alpha": summary["alpha"], "temperature": summary["temperature"],
                            "feature_weight": summary["beta"]},
@@ -286,12 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     result = tune(raw, root, students, methods, args.trials, keep_all=args.keep_all)
     result["params"] = str(args.params)
     result["overrides"] = parse_set(args.set)
-    from benchmarks.run import machine
+    from benchmarks.run import write_result
 
-    result["machine"] = machine()
-    output = Path(args.output) if args.output else REPO / "benchmarks" / f"tuning-{raw['data']['task']}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("tuning", result, args.output)
     print(render(result))
     print(per_method_yaml(result))
     return 0

@@ -57,8 +57,9 @@ class DistillSetup:
 
 
 def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: list[int], *, teacher_hash: str,
-               data_fp: str, index_hash: str, required: bool = True):
-    """The teacher cache when it is enabled and can serve ``method`` (else None: the teacher runs online).
+               data_fp: str, index_hash: str, required: bool = True, intermediate_layers: bool = False):
+    """The teacher cache when it is enabled and can serve ``method`` (else None: the teacher runs online; so with
+    ``intermediate_layers``, which the cache, holding the last layer only, cannot serve).
 
     A cache made from other inputs (teacher, data, relevance index, tokenisation, temperature, top-k) or a
     corrupted one is refused with a ProvenanceError, never silently replaced by the online teacher.
@@ -66,6 +67,10 @@ def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: li
     from flexkd.cache import TeacherCache, cache_enabled, features_hash
 
     if method == "ft":
+        return None
+    if intermediate_layers:
+        print(f"{method} compares intermediate layers (distill.flexkd_layers: matched), which the teacher cache does "
+              "not hold: the teacher runs online")
         return None
     if not cache_enabled(cache_dir):
         if not required:
@@ -182,15 +187,12 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
         from flexkd.tasks import teacher_layers_for
 
         layer_pairs = [(i + 1, t + 1) for i, t in enumerate(teacher_layers_for(teacher, scfg))]  # 0: embeddings
-        if teacher_source == "cache" or cfg.teacher_cache.enabled:
-            print("distill.flexkd_layers: matched compares intermediate layers, which the teacher cache does not "
-                  "hold: the teacher runs online")
-            teacher_source = "online"
     objective_args["layer_pairs"] = layer_pairs
     cache = None
     if teacher_source == "cache" or (teacher_source == "auto" and cfg.teacher_cache.enabled):
         cache = open_cache(cfg, Path(paths.teacher_cache), train, method, units, teacher_hash=teacher_hash,
-                           data_fp=data_fp, index_hash=index.content_hash(), required=teacher_source == "auto")
+                           data_fp=data_fp, index_hash=index.content_hash(), required=teacher_source == "auto",
+                           intermediate_layers=layer_pairs is not None)
     if cache is None:  # the teacher runs online, inside every step
         objective = build_objective(method, teacher_hidden=hidden_size(teacher),
                                     selected_units=units if method == "flexkd" else None, **objective_args)
