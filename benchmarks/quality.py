@@ -121,21 +121,36 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def aggregate(records: list[dict]) -> dict:
-    """mean ± std per student/method (and teacher) of the primary metric over seeds; flexkd - projector per seed."""
-    primary = records[0]["evaluation"]["primary_metric"]
+SECONDARY_METRICS = ("nll",)  # generation: teacher-forced test NLL beside ROUGE-L (partial learning shows there)
+
+
+def _table(records: list[dict], metric: str) -> tuple[dict, dict]:
+    """mean ± std of ``metric`` per student/method (and the teacher) over seeds; flexkd - projector paired by seed."""
     table: dict[str, list[float]] = {"teacher": []}
     for record in records:
         evaluation = record["evaluation"]
-        table["teacher"].append(evaluation["teacher"][primary])
+        table["teacher"].append(evaluation["teacher"][metric])
         for name, scores in evaluation["students"].items():
-            table.setdefault(name, []).append(scores[primary])
-    result = {"primary_metric": primary, "seeds": [r["params"]["project"]["seed"] for r in records],
-              "scores": {name: _mean_std(values) for name, values in table.items()}, "flexkd_minus_projector": {}}
+            table.setdefault(name, []).append(scores[metric])
+    deltas = {}
     for student in {name.split("/")[0] for name in table if "/" in name}:
         flex, proj = table.get(f"{student}/flexkd"), table.get(f"{student}/projector")
         if flex and proj and len(flex) == len(proj):
-            result["flexkd_minus_projector"][student] = _mean_std([f - p for f, p in zip(flex, proj)])
+            deltas[student] = _mean_std([f - p for f, p in zip(flex, proj)])
+    return {name: _mean_std(values) for name, values in table.items()}, deltas
+
+
+def aggregate(records: list[dict]) -> dict:
+    """mean ± std per student/method (and teacher) of the primary metric over seeds; flexkd - projector per seed;
+    the same for the secondary metrics the evaluation has (generation: test NLL) under ``secondary``."""
+    primary = records[0]["evaluation"]["primary_metric"]
+    scores, deltas = _table(records, primary)
+    result = {"primary_metric": primary, "seeds": [r["params"]["project"]["seed"] for r in records],
+              "scores": scores, "flexkd_minus_projector": deltas}
+    for metric in SECONDARY_METRICS:
+        if all(metric in r["evaluation"]["teacher"] for r in records):
+            scores, deltas = _table(records, metric)
+            result.setdefault("secondary", {})[metric] = {"scores": scores, "flexkd_minus_projector": deltas}
     picks = [(r["evaluation"]["selection"]["best"], r["evaluation"]) for r in records
              if (r["evaluation"].get("selection") or {}).get("best")]
     if picks:  # the student each run picked on validation (the registered one): its test score over the teacher's
@@ -151,8 +166,10 @@ def aggregate(records: list[dict]) -> dict:
 def budget(params: dict) -> dict:
     """The data and training budget of a run's params (said beside its table)."""
     teacher, train = params["teacher"]["finetune"], params["distill"]["train"]
-    return {"data.max_train": params["data"].get("max_train"), "teacher epochs": teacher.get("epochs"),
-            "teacher patience": teacher.get("patience"), "student epochs": train.get("epochs")}
+    taught = ({"teacher epochs": teacher.get("epochs"), "teacher patience": teacher.get("patience")}
+              if teacher.get("enabled", True) else {"teacher": "not fine-tuned"})
+    return {"data.max_train": params["data"].get("max_train"), **taught, "student epochs": train.get("epochs"),
+            **({"student max_steps": train["max_steps"]} if train.get("max_steps") else {})}
 
 
 def merge(old: dict | None, new: dict) -> dict:
@@ -214,8 +231,15 @@ def overhead(record: dict) -> dict:
     return result
 
 
+def _generation(record: dict) -> bool:
+    """The sanity ablation silences units of a classifier; a generation profile has no such check (yet)."""
+    from flexkd.config import parse_config
+
+    return parse_config(record["params"], source="benchmark record").data.is_generation
+
+
 @flow(name="flexkd-benchmark-quality", log_prints=True)
-def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
                  overrides: dict | None = None, sanity: bool = True) -> dict:
     work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
     results = {}
@@ -234,6 +258,7 @@ def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: list
             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in records],
             "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
             "budget": budget(records[0]["params"]),
-            "sanity": relevance_sanity(first, records[0]["params"]) if sanity else None,
+            "sanity": ({**relevance_sanity(first, records[0]["params"]), "seed": seeds[0]}
+                       if sanity and not _generation(records[0]) else None),
         }
     return results

@@ -48,7 +48,7 @@ def machine() -> dict:
 
 
 @flow(name="flexkd-benchmark", log_prints=True)
-def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
+def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
                    overrides: dict | None = None, rounds: int = 12, output: str | None = None,
                    speed_from: str | None = None, fresh: bool = False) -> dict:
     from benchmarks.quality import quality_flow
@@ -171,6 +171,22 @@ def _goal(value: float, goal: float, below: bool = True, percent: bool = False) 
     return f"{'met' if met else 'NOT met'} (goal {'≤' if below else '≥'} {f'{goal:.0%}' if percent else f'{goal:g}'})"
 
 
+def quality_table(title: str, scores: dict, deltas: dict, scale: float) -> list[str]:
+    """One metric's table: a row per student set-up, a column per method, flexkd - projector, then the teacher."""
+    from flexkd.config import METHODS
+
+    found = {k.split("/")[1] for k in scores if "/" in k}
+    methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+    students = list(dict.fromkeys(k.split("/")[0] for k in scores if "/" in k))
+    lines = [title, "", "| student | " + " | ".join(methods) + " | flexkd − projector |",
+             "|---|" + "---:|" * (len(methods) + 1)]
+    for student in students:
+        cells = [_pm(scores[f"{student}/{method}"], scale) if f"{student}/{method}" in scores else "" for method in methods]
+        delta = deltas.get(student)
+        lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale) if delta else ''} |")
+    return lines + ["", f"Teacher: {_pm(scores['teacher'], scale)}."]
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     speed = results["speed"]
@@ -279,23 +295,15 @@ def render(results: dict) -> str:
         metric = quality["primary_metric"]
         scale = 100.0
         scores = quality["scores"]
-        from flexkd.config import METHODS
-
-        found = {k.split("/")[1] for k in scores if "/" in k}
-        methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))
-        students = list(dict.fromkeys(k.split("/")[0] for k in scores if "/" in k))
-        lines += [f"### {name} ({block['task']}): test {metric} × 100, mean ± std over seeds {quality['seeds']}", "",
-                  "| student | " + " | ".join(methods) + " | flexkd − projector |",
-                  "|---|" + "---:|" * (len(methods) + 1)]
-        for student in students:
-            cells = [_pm(scores[f"{student}/{method}"], scale) if f"{student}/{method}" in scores else "" for method in methods]
-            delta = quality["flexkd_minus_projector"].get(student)
-            lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale) if delta else ''} |")
-        lines += ["", f"Teacher: {_pm(scores['teacher'], scale)}."]
+        lines += quality_table(f"### {name} ({block['task']}): test {metric} × 100, mean ± std over seeds {quality['seeds']}",
+                               scores, quality["flexkd_minus_projector"], scale)
+        for extra, table in quality.get("secondary", {}).items():  # generation: test NLL (lower is better)
+            lines += [""] + quality_table(f"Test {extra} (lower is better), mean ± std over seeds {quality['seeds']}:",
+                                   table["scores"], table["flexkd_minus_projector"], 1.0)
         best = quality.get("best_student")
         if best:
             picks = ", ".join(f"{name} ×{count}" for name, count in
-                              sorted(((n, best["picks"].count(n)) for n in set(best["picks"])), key=lambda x: -x[1]))
+                              sorted(((n, best["picks"].count(n)) for n in set(best["picks"])), key=lambda x: (-x[1], x[0])))
             lines += ["", f"The student each run picked on validation ({picks}): test {metric} "
                           f"**{_pm(best['over_teacher'], 100.0)}%** of the teacher's, with "
                           f"{best['parameter_ratio']['mean']:.1%} of its parameters."]
@@ -305,7 +313,7 @@ def render(results: dict) -> str:
         lines.append("")
         sanity = block.get("sanity")
         if sanity:
-            lines += [f"Relevance sanity check ({name}, seed {quality['seeds'][0]}): the teacher's test {metric} × 100 "
+            lines += [f"Relevance sanity check ({name}, seed {sanity.get('seed', quality['seeds'][0])}): the teacher's test {metric} × 100 "
                       f"with k of its {sanity['d_teacher']} last-layer units silenced (none silenced: "
                       f"{sanity['none'] * scale:.2f}).", "",
                       "| k | top-scored silenced | bottom-scored silenced | random (mean of 3) |", "|---:|---:|---:|---:|"]
@@ -317,7 +325,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the benchmarks; write BENCHMARKS.md and benchmarks/results.json.")
-    parser.add_argument("--profiles", nargs="+", default=["sst2-bench", "cola-bench"], help="profile names or params files")
+    parser.add_argument("--profiles", nargs="+", default=["sst2-bench", "cola-bench", "alpaca-bench"], help="profile names or params files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--work-dir", default=None, help="workspaces (default benchmarks/work; reused when complete)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -411,3 +411,34 @@ def test_a_benchmark_run_adds_its_seeds_and_profiles_to_the_earlier_results():
     changed["params"]["distill"]["train"]["epochs"] = 2  # other params: the earlier seeds do not mix with it
     merged = merge(merged, {"sst2-bench": block_of([changed])})
     assert merged["sst2-bench"]["quality"]["seeds"] == [4]
+
+
+def test_a_generation_table_adds_test_nll_per_method_and_its_paired_delta():
+    nll = {1: {"pruned/kd": 3.1, "pruned/projector": 3.4, "pruned/flexkd": 3.2},
+           2: {"pruned/kd": 3.0, "pruned/projector": 3.5, "pruned/flexkd": 3.1}}
+    records = []
+    for seed in (1, 2):
+        rec = picked(record(seed, {name: 0.1 * seed + value / 100 for name, value in nll[seed].items()}, 0.3),
+                     "pruned/kd")
+        rec["evaluation"]["primary_metric"] = "rougeL"
+        for scores in [rec["evaluation"]["teacher"], *rec["evaluation"]["students"].values()]:
+            scores["rougeL"] = scores.pop("accuracy")
+        rec["evaluation"]["teacher"]["nll"] = 2.0
+        for name, scores in rec["evaluation"]["students"].items():
+            scores["nll"] = nll[seed][name]
+        rec["params"]["teacher"]["finetune"]["enabled"] = False
+        records.append(rec)
+    quality = aggregate(records)
+    table = quality["secondary"]["nll"]
+    assert table["scores"]["pruned/kd"]["values"] == [3.1, 3.0]
+    assert table["scores"]["teacher"]["mean"] == pytest.approx(2.0)
+    paired = [nll[s]["pruned/flexkd"] - nll[s]["pruned/projector"] for s in (1, 2)]
+    assert table["flexkd_minus_projector"]["pruned"]["mean"] == pytest.approx(statistics.fmean(paired))
+    assert "secondary" not in aggregate(RECORDS)  # classification: no NLL, no second table
+    block = block_of(records)
+    text = render({**results_for(speed()), "quality": {"alpaca-bench": block}})
+    assert "Test nll (lower is better), mean ± std over seeds [1, 2]:" in text
+    row = next(line for line in text.splitlines()[text.splitlines().index(
+        "Test nll (lower is better), mean ± std over seeds [1, 2]:"):] if line.startswith("| pruned |"))
+    assert row.startswith("| pruned | 3.05 ± 0.07 | 3.45 ± 0.07 | 3.15 ± 0.07 | -0.30 ± 0.14 |"), row
+    assert "Budget: data.max_train all, teacher not fine-tuned, student epochs 1." in text
