@@ -129,6 +129,21 @@ def test_profiles_are_the_documented_set():
     assert {"ft", "kd", "projector", "flexkd"} <= set(alpaca.distill.methods)
 
 
+def test_the_alpaca_benchmark_student_is_the_measured_curve_s_pick():
+    """alpaca-bench trains the student benchmarks.curve picked (benchmarks/curve-alpaca.json), at the same data."""
+    import json
+
+    pick = json.loads((REPO / "benchmarks" / "curve-alpaca.json").read_text())["pick"]
+    bench = load_config(REPO / "profiles" / "alpaca-bench.yaml")
+    alpaca = load_config(REPO / "profiles" / "alpaca.yaml")
+    student = bench.student("pruned")
+    assert (student.init, student.hidden_size, student.num_layers, student.num_heads) == (
+        "prune", pick["width"], pick["depth"], pick["heads"])
+    assert student.intermediate_size == round(1536 * pick["width"] / 576)  # the curve's: the teacher's MLP, scaled
+    assert bench.teacher.model == alpaca.teacher.model and bench.data.train_file == alpaca.data.train_file
+    assert {"kd", "projector", "flexkd"} <= set(bench.distill.methods)
+
+
 def test_per_method_settings_win_over_the_student_s_and_distill_s(raw):
     from flexkd.distill import method_settings, stage_params
 
