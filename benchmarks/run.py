@@ -97,16 +97,17 @@ def runtime_sections(directory: Path = REPO / "benchmarks") -> dict:
         path = directory / name
         if path.exists():
             out[key] = json.loads(path.read_text())
-    for key in ("tuning", "ablation", "curve"):  # python -m benchmarks.tune / .ablate / .curve: one file a task
-        found = {path.stem.removeprefix(f"{key}-"): json.loads(path.read_text())
-                 for path in sorted(directory.glob(f"{key}-*.json"))}
+    for key, prefix in (("tuning", "tuning"), ("ablation", "ablation"), ("curve", "curve"), ("teacher_sweep", "teacher")):
+        # python -m benchmarks.tune / .ablate / .curve / .teacher: one file a task
+        found = {path.stem.removeprefix(f"{prefix}-"): json.loads(path.read_text())
+                 for path in sorted(directory.glob(f"{prefix}-*.json"))}
         if found:
             out[key] = found
     return out
 
 
 def write_result(kind: str, result: dict, output: str | None = None) -> Path:
-    """Save a tune / ablation / curve result (with the machine it ran on) where ``runtime_sections`` reads it:
+    """Save a tune / ablation / curve / teacher result (with the machine it ran on) where ``runtime_sections`` reads it:
     benchmarks/<kind>-<task>.json, unless ``output`` names another file."""
     result["machine"] = machine()
     path = Path(output) if output else REPO / "benchmarks" / f"{kind}-{result['task']}.json"
@@ -118,13 +119,15 @@ def write_result(kind: str, result: dict, output: str | None = None) -> Path:
 def render_tuning(results: dict) -> list[str]:
     from benchmarks.ablate import render as render_ablation
     from benchmarks.curve import render as render_curve
+    from benchmarks.teacher import render as render_teacher
     from benchmarks.tune import render as render_table
 
     lines = []
     for key, title, render_block in (
             ("tuning", "Tuning: the same trials for every method, on validation", render_table),
             ("ablation", "Ablations: what Flex-KD leaves open, on validation", render_ablation),
-            ("curve", "Student size: pruned width x depth at a fixed budget, on validation", render_curve)):
+            ("curve", "Student size: pruned width x depth at a fixed budget, on validation", render_curve),
+            ("teacher_sweep", "Teacher ceiling: the teacher recipe's learning rate, on validation", render_teacher)):
         blocks = results.get(key) or {}
         if blocks:
             lines += [f"## {title}", ""]
@@ -162,8 +165,8 @@ def render_runtime(results: dict) -> list[str]:
     return lines
 
 
-def _pm(stats: dict, scale: float = 1.0) -> str:
-    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
+def _pm(stats: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
 def _goal(value: float, goal: float, below: bool = True, percent: bool = False) -> str:
@@ -171,7 +174,7 @@ def _goal(value: float, goal: float, below: bool = True, percent: bool = False) 
     return f"{'met' if met else 'NOT met'} (goal {'≤' if below else '≥'} {f'{goal:.0%}' if percent else f'{goal:g}'})"
 
 
-def quality_table(title: str, scores: dict, deltas: dict, scale: float) -> list[str]:
+def quality_table(title: str, scores: dict, deltas: dict, scale: float, digits: int = 2) -> list[str]:
     """One metric's table: a row per student set-up, a column per method, flexkd - projector, then the teacher."""
     from flexkd.config import METHODS
 
@@ -181,10 +184,11 @@ def quality_table(title: str, scores: dict, deltas: dict, scale: float) -> list[
     lines = [title, "", "| student | " + " | ".join(methods) + " | flexkd − projector |",
              "|---|" + "---:|" * (len(methods) + 1)]
     for student in students:
-        cells = [_pm(scores[f"{student}/{method}"], scale) if f"{student}/{method}" in scores else "" for method in methods]
+        cells = [_pm(scores[f"{student}/{method}"], scale, digits) if f"{student}/{method}" in scores else ""
+                 for method in methods]
         delta = deltas.get(student)
-        lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale) if delta else ''} |")
-    return lines + ["", f"Teacher: {_pm(scores['teacher'], scale)}."]
+        lines.append(f"| {student} | " + " | ".join(cells) + f" | {_pm(delta, scale, digits) if delta else ''} |")
+    return lines + ["", f"Teacher: {_pm(scores['teacher'], scale, digits)}."]
 
 
 def render(results: dict) -> str:
@@ -293,13 +297,14 @@ def render(results: dict) -> str:
     for name, block in results["quality"].items():
         quality = block["quality"]
         metric = quality["primary_metric"]
-        scale = 100.0
+        scale = 1.0 if metric.startswith("rouge") else 100.0  # ROUGE is reported in points already
         scores = quality["scores"]
-        lines += quality_table(f"### {name} ({block['task']}): test {metric} × 100, mean ± std over seeds {quality['seeds']}",
+        shown = f"{metric} × 100" if scale == 100.0 else metric
+        lines += quality_table(f"### {name} ({block['task']}): test {shown}, mean ± std over seeds {quality['seeds']}",
                                scores, quality["flexkd_minus_projector"], scale)
         for extra, table in quality.get("secondary", {}).items():  # generation: test NLL (lower is better)
             lines += [""] + quality_table(f"Test {extra} (lower is better), mean ± std over seeds {quality['seeds']}:",
-                                   table["scores"], table["flexkd_minus_projector"], 1.0)
+                                   table["scores"], table["flexkd_minus_projector"], 1.0, digits=3)
         best = quality.get("best_student")
         if best:
             picks = ", ".join(f"{name} ×{count}" for name, count in

@@ -421,6 +421,7 @@ def test_a_generation_table_adds_test_nll_per_method_and_its_paired_delta():
         rec = picked(record(seed, {name: 0.1 * seed + value / 100 for name, value in nll[seed].items()}, 0.3),
                      "pruned/kd")
         rec["evaluation"]["primary_metric"] = "rougeL"
+        rec["evaluation"]["task"] = "alpaca"
         for scores in [rec["evaluation"]["teacher"], *rec["evaluation"]["students"].values()]:
             scores["rougeL"] = scores.pop("accuracy")
         rec["evaluation"]["teacher"]["nll"] = 2.0
@@ -435,10 +436,11 @@ def test_a_generation_table_adds_test_nll_per_method_and_its_paired_delta():
     paired = [nll[s]["pruned/flexkd"] - nll[s]["pruned/projector"] for s in (1, 2)]
     assert table["flexkd_minus_projector"]["pruned"]["mean"] == pytest.approx(statistics.fmean(paired))
     assert "secondary" not in aggregate(RECORDS)  # classification: no NLL, no second table
-    block = block_of(records)
+    block = {**block_of(records), "task": "alpaca"}
     text = render({**results_for(speed()), "quality": {"alpaca-bench": block}})
     assert "Test nll (lower is better), mean ± std over seeds [1, 2]:" in text
     row = next(line for line in text.splitlines()[text.splitlines().index(
         "Test nll (lower is better), mean ± std over seeds [1, 2]:"):] if line.startswith("| pruned |"))
-    assert row.startswith("| pruned | 3.05 ± 0.07 | 3.45 ± 0.07 | 3.15 ± 0.07 | -0.30 ± 0.14 |"), row
+    assert row.startswith("| pruned | 3.050 ± 0.071 | 3.450 ± 0.071 | 3.150 ± 0.071 | -0.300 ± 0.141 |"), row
+    assert "### alpaca-bench (alpaca): test rougeL, mean ± std over seeds [1, 2]" in text  # points already: no × 100
     assert "Budget: data.max_train all, teacher not fine-tuned, student epochs 1." in text
