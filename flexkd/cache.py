@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from flexkd.errors import ConfigError, ProvenanceError
-from flexkd.provenance import atomic_dir, sha256_file
+from flexkd.provenance import atomic_dir, file_manifest, sha256_file
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -180,7 +180,7 @@ def build_cache(
         del arrays
         if not spec.generation:
             np.save(tmp / "logits.npy", logits_out)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.npy"))}
+        files = file_manifest(tmp, "*.npy")
         meta = {
             "format_version": FORMAT_VERSION,
             "task": "generation" if spec.generation else "classification",

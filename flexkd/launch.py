@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flexkd.errors import FlexKDError
-from flexkd.provenance import recover_dir
+from flexkd.provenance import atomic_write_text, recover_dir
 from flexkd.train import CHECKPOINT, Interrupted, TrainResult, TrainState, _load_weights, train_loop
 
 
@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as err:
         outcome = {"interrupted": str(err)}
     if state.is_main_process:
-        tmp = Path(f"{result_path}.tmp")
-        tmp.write_text(json.dumps(outcome))
-        os.replace(tmp, result_path)
+        atomic_write_text(result_path, json.dumps(outcome))
     state.wait_for_everyone()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

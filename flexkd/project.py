@@ -6,13 +6,12 @@ Paths live here and nowhere else; dvc.yaml names the same paths (a test checks t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from flexkd.config import EXECUTION_ONLY_KEYS
+from flexkd.provenance import atomic_write_text, sha256_bytes
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,11 @@ def fingerprint(*parts) -> str:
             return [essential(v) for v in value]
         return value
 
-    blob = json.dumps(essential(list(parts)), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return sha256_bytes(json.dumps(essential(list(parts)), sort_keys=True, default=str))
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict:

@@ -1,4 +1,7 @@
-"""Content hashes that tie artifacts to what they were made from."""
+"""Content hashes that tie artifacts to what they were made from, and atomic writes of files and directories.
+
+The one place for both: every module that hashes a file, a directory's files or a JSON payload, or writes a file
+or a directory so that a reader never sees it half-written, calls these."""
 
 from __future__ import annotations
 
@@ -20,6 +23,22 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes | str) -> str:
+    """Hex sha256 of bytes (a str is hashed as its UTF-8 encoding)."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def file_manifest(directory: str | Path, pattern: str = "**/*", exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{path relative to directory: sha256}`` of the files matching ``pattern``, sorted by path; ``exclude``
+    names files (by name) that are left out, such as the manifest itself."""
+    directory = Path(directory)
+    return {
+        str(path.relative_to(directory)): sha256_file(path)
+        for path in sorted(directory.glob(pattern))
+        if path.is_file() and path.name not in exclude
+    }
 
 
 def sha256_files(paths) -> str:
@@ -69,6 +88,27 @@ def recover_dir(target: str | Path) -> Path | None:
         return None
     os.replace(olds[0], target)
     return target
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:
+    """Write a text file atomically: a temp file in the same folder (unique to this writer), then ``os.replace``.
+
+    A reader sees the old file or the new one, never a partial one; a failed write leaves no temp file behind.
+    ``fsync`` also flushes the data to disk before the rename (for files a crash must not lose)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # mode from the umask, as open() gives
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:

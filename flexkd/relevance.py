@@ -15,10 +15,7 @@ the tensor that feeds the task head. Checked on transformers 5.24:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from flexkd.errors import ConfigError, FlexKDError, ProvenanceError
+from flexkd.provenance import atomic_write_text, sha256_bytes
 
 SCORE_METHODS = ("grad", "grad_x_act", "fisher")
 TASKS = ("classification", "causal_lm")
@@ -278,26 +276,13 @@ class RelevanceIndex:
 
     def content_hash(self) -> str:
         """sha256 over every field but ``created_at``: detects hand edits and corruption."""
-        payload = json.dumps(self._hashed_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()
+        return sha256_bytes(json.dumps(self._hashed_fields(), sort_keys=True, separators=(",", ":")))
 
     def save(self, path: str | Path) -> Path:
         """Write the index as JSON atomically (temporary file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = dataclasses.asdict(self)
         record["content_hash"] = self.content_hash()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle, indent=1)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n", fsync=True)
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 
 from flexkd import resources
 from flexkd.errors import FlexKDError
+from flexkd.provenance import atomic_write_text
 
 PIPELINE_RUN_ENV = "FLEXKD_PIPELINE_RUN_ID"
 PIPELINE_RUN_FILE = Path(".flexkd") / "pipeline_run_id"
@@ -182,11 +183,7 @@ def _run_file(project_root: str | Path) -> Path:
 
 
 def _write_run_file(project_root: str | Path, run_id: str) -> None:
-    path = _run_file(project_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(_run_file(project_root), run_id + "\n")
 
 
 def _usable_parent(client, run_id: str, experiment_id: str) -> bool:

@@ -34,7 +34,7 @@ from torch import nn
 
 from flexkd.config import TrainConfig
 from flexkd.errors import ConfigError, ProvenanceError
-from flexkd.provenance import atomic_dir, recover_dir, sha256_file
+from flexkd.provenance import atomic_dir, file_manifest, recover_dir
 from flexkd.runtime import Runtime, batches, row_lengths
 
 # loss_fn(model, batch) -> (loss, {term: value}); ``model`` is the module to call: the plain model with one
@@ -110,11 +110,7 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float) -> Callable[[int]
 
 
 def _manifest(directory: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(directory)): sha256_file(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
-    }
+    return file_manifest(directory, exclude=("manifest.json",))
 
 
 def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None, optimizer, scheduler, state: TrainState,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Mapping
 from prefect import flow
 
 from flexkd.config import set_dotted  # noqa: F401 - the override engine, re-exported for the flows
+from flexkd.provenance import atomic_write_text
 from flows.common import load_params, paths_for, preflight, project_root
 from flows.storage import dvc, dvc_remote, push_outputs, run_dvc, stage_env, stale_snapshot
 
@@ -101,9 +101,7 @@ def apply_profile_and_overrides(root: Path, profile: str | None = None,
     parse_config(yaml.safe_load(text) or {}, source=label)  # a wrong key or value stops here, nothing written
     if params.exists() and params.read_text(encoding="utf-8") == text:
         return False
-    tmp = params.with_name(f".params.yaml.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, params)
+    atomic_write_text(params, text)
     return True
 
 
