@@ -99,7 +99,7 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # mode from the umask, as open() gives
     try:
-        with open(tmp, "x", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8", newline="") as handle:  # the text as given: "\n" stays LF everywhere
             handle.write(text)
             if fsync:
                 handle.flush()
