@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cli import add_profile_args, read_profile
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "base": {},
@@ -206,8 +208,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Flex-KD's open choices, each against validation.")
-    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    add_profile_args(parser)
     parser.add_argument("--tuning", default=None, help="a benchmarks/tune.py result: use its flexkd picks")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="the students' seeds")
     parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
@@ -217,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the shared stages are in DIR (e.g. the tuning workspace of the same profile)")
     parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json (in BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    from benchmarks.runtime import load_profile
-    from flows.pipeline import parse_set
-
-    raw = load_profile(Path(args.params), parse_set(args.set))
+    raw = read_profile(parser, args)
     tuning = json.loads(Path(args.tuning).read_text()) if args.tuning else None
     raw = with_tuning(raw, tuning)
     students = args.students or raw["distill"]["students"]

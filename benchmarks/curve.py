@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cli import add_profile_args, read_profile, work_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -136,8 +138,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pruned student width x depth against validation, at a fixed budget.")
-    parser.add_argument("--params", default=str(REPO / "profiles" / "alpaca.yaml"), help="the profile")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    add_profile_args(parser, REPO / "profiles" / "alpaca.yaml", "the profile (default: profiles/alpaca.yaml)")
     parser.add_argument("--student", default="pruned", help="the student set-up to size (init: prune)")
     parser.add_argument("--method", default="kd")
     parser.add_argument("--widths", nargs="+", type=int, default=[288, 384, 480, 576])
@@ -147,13 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/curve-<task>-seed<seed>")
     parser.add_argument("--output", default=None, help="default: benchmarks/curve-<task>.json (in BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    from benchmarks.runtime import load_profile
-    from flows.pipeline import parse_set
-
-    raw = load_profile(Path(args.params), parse_set(args.set))
-    seed = raw.get("project", {}).get("seed", 42)
-    root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"curve-{raw['data']['task']}-seed{seed}"
-    result = curve(raw, root, args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
+    raw = read_profile(parser, args)
+    result = curve(raw, work_dir(args, raw, "curve"), args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
     from benchmarks.run import write_result
 
     write_result("curve", result, args.output)

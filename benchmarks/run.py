@@ -352,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "BENCHMARKS.md").write_text(render(results))
         print(f"wrote {out / 'BENCHMARKS.md'} from {args.render_from}")
         return 0
-    from flows.pipeline import parse_set
+    from benchmarks.cli import overrides as cli_overrides
 
-    overrides = parse_set(args.set)
+    overrides = cli_overrides(parser, args)
     try:
         benchmark_flow(profiles=args.profiles, seeds=args.seeds, work_dir=args.work_dir, overrides=overrides or None,
                        rounds=args.rounds, output=args.output, speed_from=args.speed_from, fresh=args.fresh)

@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cli import SET_HELP
+from benchmarks.cli import overrides as cli_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
@@ -37,17 +40,6 @@ CONFIGS = {
     "default-bf16": {"runtime.group_by_length": True, "runtime.precision": "bf16", "runtime.fused_optimizer": True},
 }
 DEFAULT_CONFIGS = ["before", "default"]
-
-
-def load_profile(params: Path, overrides: dict) -> dict:
-    import yaml
-
-    from flexkd.config import set_dotted
-
-    raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    return raw
 
 
 def run_workspace(root: Path, raw: dict, students: list[str], methods: list[str]) -> dict:
@@ -216,15 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--students", nargs="+", default=["random", "pruned"])
     parser.add_argument("--methods", nargs="+", default=["flexkd"])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param in every run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"in every run: {SET_HELP}")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "runtime"))
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "runtime.json"))
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--no-bf16-probe", action="store_true", help="skip the fp32 vs bf16 step-time probe")
     args = parser.parse_args(argv)
-    from flows.pipeline import parse_set
+    from flexkd.overrides import load_profile
 
-    overrides = parse_set(args.set)
+    overrides = cli_overrides(parser, args)
     work = Path(args.work_dir)
     results: dict[str, dict[int, dict]] = {c: {} for c in args.configs}
     for seed in args.seeds:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cli import add_profile_args, read_profile, work_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -103,20 +105,14 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fine-tune the teacher at several learning rates; pick on validation.")
-    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    add_profile_args(parser)
     parser.add_argument("--lrs", nargs="+", type=float, required=True, help="teacher learning rates to try")
     parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/teacher-<task>-seed<seed>")
     parser.add_argument("--output", default=None, help="default: benchmarks/teacher-<task>.json (in BENCHMARKS.md)")
     args = parser.parse_args(argv)
     from benchmarks.run import write_result
-    from benchmarks.runtime import load_profile
-    from flows.pipeline import parse_set
-
-    raw = load_profile(Path(args.params), parse_set(args.set))
-    seed = raw.get("project", {}).get("seed", 42)
-    root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"teacher-{raw['data']['task']}-seed{seed}"
-    result = sweep(raw, root, args.lrs)
+    raw = read_profile(parser, args)
+    result = sweep(raw, work_dir(args, raw, "teacher"), args.lrs)
     path = write_result("teacher", result, args.output)
     print(render(result))
     print(f"wrote {path}")

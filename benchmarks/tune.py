@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cli import add_profile_args, overrides, read_profile, work_dir
+
 REPO = Path(__file__).resolve().parents[1]
 DIMENSIONS = ("lr", "alpha", "temperature", "feature_weight")
 USES = {"ft": ("lr",), "kd": ("lr", "alpha", "temperature")}  # every other method: all four
@@ -271,8 +273,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Tune every method with the same trials, on validation only.")
-    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="the profile (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    add_profile_args(parser)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
     parser.add_argument("--methods", nargs="+", default=None, help="default: the profile's distill.methods")
@@ -280,17 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="default: benchmarks/tuning-<task>.json (in BENCHMARKS.md)")
     parser.add_argument("--keep-all", action="store_true", help="keep every trial's student, not only the picks")
     args = parser.parse_args(argv)
-    from benchmarks.runtime import load_profile
-    from flows.pipeline import parse_set
-
-    raw = load_profile(Path(args.params), parse_set(args.set))
+    raw = read_profile(parser, args)
     students = args.students or raw["distill"]["students"]
     methods = args.methods or raw["distill"]["methods"]
-    seed = raw.get("project", {}).get("seed", 42)
-    root = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / f"tune-{raw['data']['task']}-seed{seed}"
-    result = tune(raw, root, students, methods, args.trials, keep_all=args.keep_all)
+    result = tune(raw, work_dir(args, raw, "tune"), students, methods, args.trials, keep_all=args.keep_all)
     result["params"] = str(args.params)
-    result["overrides"] = parse_set(args.set)
+    result["overrides"] = overrides(parser, args)
     from benchmarks.run import write_result
 
     write_result("tuning", result, args.output)

@@ -71,7 +71,7 @@ def resolve_device(setting: str, *, local_rank: int | None = None) -> torch.devi
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels)."""
-    try:
+    try:  # torch (2.13) has no public query for this; the oneDNN op is what torch's own bf16 CPU tests call
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False

@@ -18,91 +18,16 @@ params of the MLflow pipeline run (``pipeline.profile``, ``pipeline.overrides`` 
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from prefect import flow
 
-from flexkd.config import set_dotted  # noqa: F401 - the override engine, re-exported for the flows
-from flexkd.provenance import atomic_write_text
+from flexkd.overrides import apply_profile_and_overrides, parse_set
 from flows.common import load_params, paths_for, preflight, project_root
 from flows.storage import dvc, dvc_remote, push_outputs, run_dvc, stage_env, stale_snapshot
-
-
-# ------------------------------------------------------------------------------------ profile and overrides
-def available_profiles(root: Path) -> list[str]:
-    directory = Path(root) / "profiles"
-    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
-
-
-def _yaml():
-    from ruamel.yaml import YAML  # round-trip: keeps the comments of params.yaml (a DVC dependency)
-
-    rt = YAML(typ="rt")
-    rt.preserve_quotes = True
-    rt.width = 120
-    rt.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return rt
-
-
-def _flow_style(value: Any) -> Any:
-    """A list of scalars as ``[a, b]``, like the lists in params.yaml."""
-    from ruamel.yaml.comments import CommentedSeq
-
-    if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
-        seq = CommentedSeq(value)
-        seq.fa.set_flow_style()
-        return seq
-    return value
-
-
-def apply_profile_and_overrides(root: Path, profile: str | None = None,
-                                overrides: Mapping[str, Any] | None = None) -> bool:
-    """Write ``params.yaml`` from ``profiles/<profile>.yaml`` and/or dotted ``overrides``, validated first.
-
-    Returns True when ``params.yaml`` changed. Raises :class:`flexkd.errors.ConfigError` (``params.yaml``
-    untouched) for an unknown profile, a malformed key, or a result that :func:`parse_config` rejects.
-    """
-    from flexkd.config import parse_config
-    from flexkd.errors import ConfigError
-
-    root = Path(root)
-    params = root / "params.yaml"
-    if not profile and not overrides:
-        return False
-    source = params
-    if profile:
-        names = available_profiles(root)
-        if profile not in names:
-            listed = ", ".join(names) if names else f"none: {root / 'profiles'} has no .yaml files"
-            raise ConfigError(f"profile: unknown profile {profile!r}; the profiles are: {listed}")
-        source = root / "profiles" / f"{profile}.yaml"
-    if overrides is not None and not isinstance(overrides, Mapping):
-        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
-    if not source.is_file():
-        raise ConfigError(f"{source}: parameter file not found")
-    text = source.read_text(encoding="utf-8")
-    if overrides:
-        rt = _yaml()
-        tree = rt.load(text) or {}
-        for key, value in overrides.items():
-            set_dotted(tree, key, _flow_style(value))
-        out = io.StringIO()
-        rt.dump(tree, out)
-        text = out.getvalue()
-    import yaml
-
-    label = f"{source.relative_to(root)}" + (f" with overrides {json.dumps(dict(overrides), default=str)}" if overrides else "")
-    parse_config(yaml.safe_load(text) or {}, source=label)  # a wrong key or value stops here, nothing written
-    if params.exists() and params.read_text(encoding="utf-8") == text:
-        return False
-    atomic_write_text(params, text)
-    return True
 
 
 def _log_choice(run_id: str, profile: str | None, overrides: Mapping[str, Any] | None) -> None:
@@ -205,18 +130,6 @@ def mlflow_experiment_id(name: str) -> str:
     import mlflow
 
     return mlflow.MlflowClient().get_experiment_by_name(name).experiment_id
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.train.epochs=1")
-        overrides[key.strip()] = yaml.safe_load(value)  # 1 -> int, [ft, flexkd] -> list, text -> str
-    return overrides
 
 
 if __name__ == "__main__":

@@ -93,11 +93,10 @@ def publish_flow(params: str | None = None, register: bool = True) -> dict:
             f"distill.students x distill.methods, and {missing} never finished training (run `dvc repro`, which "
             "resumes them, or `python -m flows.publish --no-register`)"
         )
-    from flows.evaluate import evaluate_flow
-    from flows.register import register_flow
+    from flexkd.champion import evaluate_models, register_champion  # the evaluate and register stages' work
 
-    evaluate_flow(params=params)
-    result["registered"] = register_flow(params=params)
+    evaluate_models(cfg, paths)
+    result["registered"] = register_champion(cfg, paths)
     return result
 
 

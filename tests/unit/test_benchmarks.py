@@ -444,3 +444,25 @@ def test_a_generation_table_adds_test_nll_per_method_and_its_paired_delta():
     assert row.startswith("| pruned | 3.050 ± 0.071 | 3.450 ± 0.071 | 3.150 ± 0.071 | -0.300 ± 0.141 |"), row
     assert "### alpaca-bench (alpaca): test rougeL, mean ± std over seeds [1, 2]" in text  # points already: no × 100
     assert "Budget: data.max_train all, teacher not fine-tuned, student epochs 1." in text
+
+
+def test_benchmark_commands_read_a_profile_with_overrides_and_refuse_bad_ones(tmp_path, capsys):
+    import argparse
+
+    from benchmarks.cli import REPO as CLI_REPO, add_profile_args, read_profile, work_dir
+
+    parser = argparse.ArgumentParser()
+    add_profile_args(parser)
+    parser.add_argument("--work-dir", default=None)
+    args = parser.parse_args(["--set", "distill.train.epochs=3", "--set", "distill.methods=[ft, flexkd]"])
+    raw = read_profile(parser, args)
+    assert raw["distill"]["train"]["epochs"] == 3 and raw["distill"]["methods"] == ["ft", "flexkd"]
+    seed = raw["project"]["seed"]
+    assert work_dir(args, raw, "tune") == CLI_REPO / "benchmarks" / "work" / f"tune-{raw['data']['task']}-seed{seed}"
+    assert work_dir(parser.parse_args(["--work-dir", str(tmp_path)]), raw, "tune") == tmp_path
+    for argv, words in ((["--set", "distill.train.epochs"], "expected KEY=VALUE"),
+                        (["--params", str(tmp_path / "nope.yaml")], "no such file"),
+                        (["--set", "data.task.x=1"], "data.task is a value")):
+        with pytest.raises(SystemExit) as stop:
+            read_profile(parser, parser.parse_args(argv))
+        assert stop.value.code == 2 and words in capsys.readouterr().err

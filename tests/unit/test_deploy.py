@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flexkd.errors import ConfigError
-from flows.pipeline import apply_profile_and_overrides, available_profiles
+from flexkd.overrides import apply_profile_and_overrides, available_profiles
 from tests.services.walkthrough import extract
 
 REPO = Path(__file__).resolve().parents[2]

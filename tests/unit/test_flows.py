@@ -133,3 +133,53 @@ def test_generation_table_reports_rouge_and_selects_by_validation_nll():
     assert "validation NLL | test ROUGE-L | test ROUGE-L std |" in table and "accuracy" not in table
     assert "| teacher | as given | - | 1.5000 | 30.0000 |" in table
     assert "| **pruned**: pruned from the teacher | **kd** | 2.2500 | 20.5000 | 0.5000 |" in table
+
+
+def test_register_takes_only_a_choice_made_on_todays_validation_data(tmp_path):
+    from flexkd.champion import chosen_student
+    from flexkd.selection import validation_fingerprint
+
+    cfg = load_config(REPO / "params.yaml")
+    paths = paths_for(cfg, tmp_path)
+    paths.prepared.mkdir(parents=True)
+    (paths.prepared / "validation.jsonl").write_text('{"text": "a", "label": 0}\n')
+    evaluation = _evaluation()
+    with pytest.raises(FlexKDError, match="no student chosen on the validation split"):
+        chosen_student(paths, evaluation)
+    evaluation["selection"] = {"split": "validation", "metric": "accuracy", "best": "pruned/flexkd", "value": 0.86,
+                               "validation_fingerprint": validation_fingerprint(paths.prepared)}
+    chosen = chosen_student(paths, evaluation)
+    assert (chosen.key, chosen.metric, chosen.value) == ("pruned/flexkd", "accuracy", 0.86)
+    (paths.prepared / "validation.jsonl").write_text('{"text": "b", "label": 1}\n')
+    with pytest.raises(FlexKDError, match="chosen on other validation data"):
+        chosen_student(paths, evaluation)
+    evaluation["selection"]["split"] = "test"
+    with pytest.raises(FlexKDError, match="no student chosen on the validation split"):
+        chosen_student(paths, evaluation)
+
+
+def test_the_card_states_the_weights_each_method_trained_with():
+    from flexkd.champion import loss_weights
+
+    cfg = load_config(REPO / "params.yaml")
+    info = {"alpha": 0.5, "beta": 0.1}
+    assert loss_weights(cfg, "ft", info) == {"task": 1.0}
+    assert loss_weights(cfg, "kd", info) == {"alpha": 0.5, "temperature": cfg.distill.temperature,
+                                              "logit_loss": cfg.distill.logit_loss}
+    assert loss_weights(cfg, "flexkd", info)["beta"] == 0.1
+    assert loss_weights(cfg, "flexkd", info)["flexkd_loss"] == cfg.distill.flexkd_loss
+    assert "flexkd_loss" not in loss_weights(cfg, "cka", info)
+
+
+def test_no_flow_imports_another_flow():
+    """Flows call the library (flexkd/); a flow module that imports another flow module couples two stages."""
+    import ast
+
+    flow_modules = {p.stem for p in (REPO / "flows").glob("*.py")
+                    if "@flow" in p.read_text(encoding="utf-8")}
+    for name in sorted(flow_modules):
+        tree = ast.parse((REPO / "flows" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        others = {m.split(".", 1)[1] for m in imported if m.startswith("flows.")} & (flow_modules - {name})
+        assert not others, f"flows/{name}.py imports the flow module(s) {sorted(others)}"

@@ -196,7 +196,7 @@ def _check_dvc(words: list[str], command: Command) -> None:
             assert target.split("@")[0] in stages, f"{command}: no dvc stage {target!r}"
     if subcommand == ["exp", "run"]:
         from flexkd.config import parse_config
-        from flows.pipeline import parse_set, set_dotted
+        from flexkd.overrides import parse_set, set_dotted
 
         raw = yaml.safe_load((REPO / "params.yaml").read_text())
         settings = [rest[i + 1] for i, w in enumerate(rest[:-1]) if w in ("-S", "--set-param")]
