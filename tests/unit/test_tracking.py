@@ -171,6 +171,22 @@ def test_sanitize_key():
     assert tracking.flatten_params({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {"a.b.c": "1", "d": "[1, 2]"}
 
 
+def test_served_models_are_plain_modules_that_import_no_flexkd():
+    """The pyfunc models are real modules that MLflow copies into the model and runs where flexkd may be missing:
+    they import no flexkd and end by naming their model; the package still exposes the classes."""
+    import ast
+
+    serving = REPO_ROOT / "flexkd" / "tracking" / "serving"
+    for stem, cls in (("text_classifier", "TextClassifierModel"), ("text_generator", "TextGeneratorModel")):
+        tree = ast.parse((serving / f"{stem}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"mlflow", "pandas", "re", "torch", "transformers"}, (stem, imported)
+        assert ast.unparse(tree.body[-1]) == f"mlflow.models.set_model({cls}())", stem
+        assert getattr(tracking, cls).__module__ == f"flexkd.tracking.serving.{stem}"
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random 1-layer BERT classifier and a word-level tokenizer from a 12-word vocab, saved offline."""
