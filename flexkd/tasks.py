@@ -119,10 +119,10 @@ class Task:
 
 def _record_dropped(out_dir: Path, manifest: dict, dropped: dict[str, list[int]]) -> dict:
     """Add the rows dropped as invalid (source lines per split) to the prepared manifest."""
-    from flexkd.data.prepare import MANIFEST_FILE, _write_json
+    from flexkd.data.prepare import MANIFEST_FILE, write_json
 
     manifest["dropped_invalid_rows"] = {split: sorted(rows) for split, rows in dropped.items()}
-    _write_json(Path(out_dir) / MANIFEST_FILE, manifest)
+    write_json(Path(out_dir) / MANIFEST_FILE, manifest)  # atomically: the manifest is rewritten in place
     return manifest
 
 

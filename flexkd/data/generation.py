@@ -31,6 +31,7 @@ import torch
 from flexkd.data import prepare as _prepare
 from flexkd.data import sources as _sources
 from flexkd.data import validation as _validation
+from flexkd.data.explanations import describe_failure
 from flexkd.data.sources import ColumnMap
 from flexkd.data.validation import ValidationReport
 from flexkd.errors import ConfigError, DataError
@@ -139,7 +140,7 @@ def _renamed(err: DataError, roles: dict[str, str]) -> DataError:
 
 
 def _load_json_generation(path: Path, text: str, columns: GenerationColumns, task: str, fmt: str) -> pd.DataFrame:
-    entries = _sources._json_records(path, text, fmt)
+    entries = _sources.json_records(path, text, fmt)
     if not entries:
         raise DataError(f"{path}: no records")
     where_word = "line" if fmt == "jsonl" else "record"
@@ -173,7 +174,7 @@ def _load_delimited_generation(
     # columns into ints, so it gets the prompt (never all integers in practice) and ``text`` gets the response.
     column_map = ColumnMap(text=columns.response, label=columns.prompt, text_pair=columns.input)
     try:
-        raw = _sources._load_delimited(path, text, column_map, fmt, header)
+        raw = _sources.load_delimited(path, text, column_map, fmt, header)
     except DataError as err:
         raise _renamed(err, {"text": "response", "label": "prompt", "text_pair": "input"}) from None
     rows = []
@@ -206,8 +207,8 @@ def load_generation_table(
     """
     task = _check_task(task)
     path = Path(path)
-    fmt = _sources._infer_format(path, fmt)
-    text = _sources._read_text(path)
+    fmt = _sources.infer_format(path, fmt)
+    text = _sources.read_text(path)
     if fmt in ("tsv", "csv"):
         return _load_delimited_generation(path, text, columns, task, fmt, header)
     return _load_json_generation(path, text, columns, task, fmt)
@@ -512,7 +513,7 @@ def prepare_generation(
 
     deduped = train.drop_duplicates(subset=["prompt", "input"], keep="first").reset_index(drop=True)
     dropped = len(train) - len(deduped)
-    n_val = _prepare._validation_count(validation_size, len(deduped))
+    n_val = _prepare.validation_count(validation_size, len(deduped))
     is_val = np.zeros(len(deduped), dtype=bool)
     is_val[_pick(len(deduped), n_val, rng)] = True
     splits = {
@@ -534,18 +535,18 @@ def prepare_generation(
         "max_train": max_train,
         "max_test": max_test,
         "dropped_duplicate_train_rows": dropped,
-        "sources": {"train": _prepare._sources([train]), "test": _prepare._sources([test])},
+        "sources": {"train": _prepare.manifest_sources([train]), "test": _prepare.manifest_sources([test])},
     }
     for split in _prepare.SPLITS:
         records = _records(splits[split])
-        path = _prepare._split_path(out_dir, split)
+        path = _prepare.split_path(out_dir, split)
         _write_records(path, records)
         counts = [len(r["references"]) for r in records]
         manifest["rows"][split] = len(records)
         manifest["sha256"][split] = sha256_file(path)
         manifest["references_per_row"][split] = {"min": min(counts), "max": max(counts)} if counts else None
     manifest["fingerprint"] = _prepare.split_fingerprint(out_dir)
-    _prepare._write_json(out_dir / _prepare.MANIFEST_FILE, manifest)
+    _prepare.write_json(out_dir / _prepare.MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -595,7 +596,7 @@ def _generation_validation_frame(frame: pd.DataFrame, tokenizer, formatter) -> p
     out = pd.DataFrame(index=range(len(frame)))
     for column in ("prompt", "input", "response"):
         if column in frame.columns:
-            out[column] = pd.Series([None if _validation._is_missing(v) else v for v in frame[column]], dtype=object)
+            out[column] = pd.Series([None if _validation.is_missing(v) else v for v in frame[column]], dtype=object)
     if "references" in frame.columns:
         out["reference_count"] = pd.Series(
             [len(r) if isinstance(r, (list, tuple)) else 0 for r in frame["references"]], dtype="int64"
@@ -686,7 +687,7 @@ def _finish_failure(failure: dict, column: str | None) -> dict:
     elif column in ("prompt_tokens", "response_tokens") and not failure.get("details"):
         what = "templated prompt" if column == "prompt_tokens" else "response + end token"
         failure["details"] = f"token length of the {what} outside the bounds (it would be truncated)"
-    return _validation.describe_failure(failure)
+    return describe_failure(failure)
 
 
 def validate_generation(
@@ -707,7 +708,7 @@ def validate_generation(
         raise ConfigError(
             "validate_generation needs both tokenizer and formatter for the token-length checks, or neither"
         )
-    context = _validation._quiet_context()
+    context = _validation.quiet_context()
     batch = (
         context.data_sources.add_pandas("flexkd_raw")
         .add_dataframe_asset("generation")
@@ -722,7 +723,7 @@ def validate_generation(
             train_keys = sorted({v for v in train[_KEY] if isinstance(v, str)})
         suite = _build_generation_suite(gx, f"generation_{split}", frame, settings, train_keys)
         outcome = _validation.run_suite(gx, context, batch, suite, split, frame, settings.sample_rows)
-        file = _validation._file_of(splits[split])
+        file = _validation.file_of(splits[split])
         for result in outcome.results:
             config = result.expectation_config
             column = config.kwargs.get("column")
@@ -737,7 +738,7 @@ def validate_generation(
                 }
             )
             if not result.success:
-                failure = _validation._failure(split, file, frame, splits[split], result, settings)
+                failure = _validation.failure_record(split, file, frame, splits[split], result, settings)
                 report.failures.append(_finish_failure(failure, column))
         _validation.record_outcome(report, split, file, frame, outcome)
     return report
