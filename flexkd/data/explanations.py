@@ -1,7 +1,7 @@
 """Plain words for failed validation checks: what is wrong, for how many rows and where, and what to do.
 
 One table (``EXPLANATIONS``) holds the words for every expectation type the suites use (the classification suite
-in ``flexkd.data.validation``, the generation suite in ``flexkd.data.generation``); ``describe_failure``
+in ``flexkd.data.validation``, the generation suite in ``flexkd.data.generation.validation``); ``describe_failure``
 fills them from the facts of one failure. The GX expectation name comes last, for whoever reads the suite.
 """
 
@@ -35,7 +35,7 @@ _DROPPED = "prepare then drops them and lists their lines in its manifest under 
 _TOLERATE = "or {tolerate} to tolerate up to that share (" + _DROPPED + ")"
 
 # Every expectation type the suites use (the classification suite in flexkd.data.validation, the generation suite in
-# flexkd.data.generation) -> its words. The inner key is the failure's column as the report shows it, None for
+# flexkd.data.generation.validation) -> its words. The inner key is the failure's column as the report shows it, None for
 # any other column: a check whose meaning depends on the column (a null label is not a null text) gets its own
 # words. tests/unit/test_validation.py builds both suites and fails when a type they use has no entry here.
 EXPLANATIONS: dict[str, dict[str | None, Explanation]] = {

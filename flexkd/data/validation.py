@@ -7,7 +7,7 @@ rows, where, and what to do (the setting to change, or the fix in the data), fro
 ``flexkd.data.explanations``); the GX expectation name comes last, for whoever reads the suite.
 
 The report, the suite runner (``quiet_context``, ``run_suite``, ``failure_record``, ``record_outcome``) and
-``raise_for_failures`` serve the generation suite (``flexkd.data.generation``) too.
+``raise_for_failures`` serve the generation suite (``flexkd.data.generation.validation``) too.
 great_expectations is imported inside functions: importing it takes seconds.
 """
 

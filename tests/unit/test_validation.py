@@ -303,7 +303,7 @@ def test_every_expectation_the_suites_use_has_plain_words():
 
     import great_expectations as gx
 
-    from flexkd.data import generation
+    from flexkd.data.generation import validation as generation
 
     validation.quiet_context()  # GX 1.x builds expectations only with a context
     columns = ("text", "text_pair", "label", validation._PAIR_KEY)
