@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -18,6 +19,16 @@ def tokenize_classification(records: Sequence[dict], tokenizer, max_length: int)
         row["labels"] = int(record["label"])
         features.append(row)
     return features
+
+
+def tokenized_split(prepared_dir: Path, split: str, tokenizer, max_length: int, limit: int | None = None) -> list[dict]:
+    """Features of one prepared split (first ``limit`` rows if given), ready for PadCollator."""
+    from flexkd.data.prepare import load_split
+
+    records = load_split(Path(prepared_dir) / f"{split}.jsonl")
+    if limit is not None:
+        records = records[:limit]
+    return tokenize_classification(records, tokenizer, max_length)
 
 
 class PadCollator:
