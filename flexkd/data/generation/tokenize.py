@@ -10,18 +10,16 @@ Token conventions:
   kept. Responses are truncated from the right; ``max_response_tokens`` counts the end token, and a response that
   had to be cut gets no end token (the model is not taught to stop mid-sentence).
 
-Batches are padded on the right for training (``CausalCollator``) and on the left for generation
-(``LeftPadCollator``), with the end token where the tokenizer has no pad token.
+Batches are padded by ``flexkd.data.tokenize.PadCollator`` (why not transformers' collators: see there): on the
+right for training, on the left for generation, with the end token where the tokenizer has no pad token.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-import torch
-
 from flexkd.data.generation.prompts import PromptFormatter
+from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ConfigError, DataError
 
 
@@ -137,41 +135,16 @@ def _resolve_pad(pad_token_id_: int | None, tokenizer) -> int:
     raise ConfigError("a collator needs pad_token_id or a tokenizer")
 
 
-class _Collator:
-    left = False
-
-    def __init__(self, pad_token_id: int | None = None, *, tokenizer=None):
-        self.pad_token_id = _resolve_pad(pad_token_id, tokenizer)
-
-    def __call__(self, features: list[dict]) -> dict:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        longest = max(len(f["input_ids"]) for f in features)
-        batch: dict = {}
-        for key in features[0]:
-            values = [f[key] for f in features]
-            if isinstance(values[0], (list, tuple)):
-                pad = self.pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
-                rows = []
-                for value in values:
-                    filler = [pad] * (longest - len(value))
-                    rows.append(filler + list(value) if self.left else list(value) + filler)
-                batch[key] = torch.tensor(rows, dtype=torch.long)
-            elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-                batch[key] = torch.tensor([int(v) for v in values], dtype=torch.long)
-            else:
-                batch[key] = values  # strings, references: passed through as a list
-        return batch
-
-
-class CausalCollator(_Collator):
+class CausalCollator(PadCollator):
     """Training batches: right padding (input_ids with the pad id, attention_mask 0, labels -100); ints (e.g.
     ``prompt_len``) become a tensor. The pad id falls back to the end token when the tokenizer has no pad token."""
 
-    left = False
+    def __init__(self, pad_token_id: int | None = None, *, tokenizer=None):
+        super().__init__(_resolve_pad(pad_token_id, tokenizer))
 
 
-class LeftPadCollator(_Collator):
+class LeftPadCollator(PadCollator):
     """Generation batches: left padding, so every prompt ends at the last position (``generate`` appends there)."""
 
-    left = True
+    def __init__(self, pad_token_id: int | None = None, *, tokenizer=None):
+        super().__init__(_resolve_pad(pad_token_id, tokenizer), left=True)
