@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ConfigError, DataError
 
 __all__ = ["generate_texts", "rouge_l", "corpus_rouge_l", "evaluate_generation", "sample_table"]
@@ -111,6 +112,7 @@ def generate_texts(
     }
     if do_sample:
         gen_kwargs.update(temperature=float(temperature), top_p=float(top_p))
+    pad = PadCollator(pad_id, left=True)  # left padding: every prompt ends at the last column
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -121,15 +123,11 @@ def generate_texts(
         with torch.no_grad(), (runtime.autocast() if runtime is not None else contextlib.nullcontext()):
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, ids in enumerate(chunk):  # left padding: the prompt ends at the last column
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids) :] = 1
+                batch = pad([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in chunk])
+                width = batch["input_ids"].shape[1]
                 generated = model.generate(
-                    input_ids=input_ids.to(device, non_blocking=True), attention_mask=attention_mask.to(device, non_blocking=True),
-                    **gen_kwargs
+                    input_ids=batch["input_ids"].to(device, non_blocking=True),
+                    attention_mask=batch["attention_mask"].to(device, non_blocking=True), **gen_kwargs
                 )
                 for row in generated[:, width:].tolist():
                     cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))

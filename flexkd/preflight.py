@@ -73,7 +73,7 @@ def check_runtime(cfg: FlexKDConfig) -> None:
 def check_data(data: DataConfig) -> list[str]:
     """The data directory and the configured files exist (local source); a Hub dataset is only noted."""
     from flexkd.data.sources import resolve_data_dir
-    from flexkd.data.task import resolve_source
+    from flexkd.data.raw_splits import resolve_source
 
     data = resolve_source(data)  # auto: local files when found, else the Hub (reachable, or one error naming both)
     if data.source == "hub":

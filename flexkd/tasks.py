@@ -67,7 +67,7 @@ class Task:
         raise NotImplementedError
 
     def _drop_invalid(self, splits: dict, columns: list[str]) -> tuple[dict, dict[str, list[int]]]:
-        from flexkd.data.task import drop_invalid_rows
+        from flexkd.data.raw_splits import drop_invalid_rows
 
         v = self.cfg.validation
         kept, dropped = {}, {}
@@ -119,10 +119,10 @@ class Task:
 
 def _record_dropped(out_dir: Path, manifest: dict, dropped: dict[str, list[int]]) -> dict:
     """Add the rows dropped as invalid (source lines per split) to the prepared manifest."""
-    from flexkd.data.prepare import MANIFEST_FILE, _write_json
+    from flexkd.data.prepare import MANIFEST_FILE, write_json
 
     manifest["dropped_invalid_rows"] = {split: sorted(rows) for split, rows in dropped.items()}
-    _write_json(Path(out_dir) / MANIFEST_FILE, manifest)
+    write_json(Path(out_dir) / MANIFEST_FILE, manifest)  # atomically: the manifest is rewritten in place
     return manifest
 
 
@@ -141,13 +141,13 @@ class ClassificationTask(Task):
 
     # -- data -----------------------------------------------------------------------------------------
     def load_raw(self):
-        from flexkd.data.task import hold_out_test, load_raw_splits
+        from flexkd.data.raw_splits import hold_out_test, load_raw_splits
 
         keys = ["text"] + (["text_pair"] if self.cfg.data.columns.text_pair is not None else [])
         return hold_out_test(load_raw_splits(self.cfg.data), self.cfg.data, self.cfg.project.seed, keys)
 
     def validate(self, splits):
-        from flexkd.data.task import validation_settings
+        from flexkd.data.raw_splits import validation_settings
         from flexkd.data.validation import validate_classification
 
         return validate_classification(splits, validation_settings(self.cfg.data, self.cfg.validation))
@@ -177,7 +177,7 @@ class ClassificationTask(Task):
 
     # -- batches --------------------------------------------------------------------------------------
     def features(self, prepared_dir: Path, split: str, tokenizer, limit: int | None = None) -> list[dict]:
-        from flexkd.data.task import tokenized_split
+        from flexkd.data.tokenize import tokenized_split
 
         return tokenized_split(prepared_dir, split, tokenizer, self.cfg.teacher.max_length, limit=limit)
 
@@ -256,7 +256,7 @@ class GenerationTask(Task):
 
     def load_raw(self):
         from flexkd.data.generation import load_generation_hub, load_generation_table
-        from flexkd.data.task import hold_out_test, local_problem, neither_source_error, resolve_source, source_files
+        from flexkd.data.raw_splits import hold_out_test, local_problem, neither_source_error, resolve_source, source_files
         from flexkd.errors import DataError
 
         data = resolve_source(self.cfg.data)

@@ -15,7 +15,7 @@ def prepare_flow(params: str | None = None, sync: bool = False) -> dict:
 
         return run_synced("prepare", params)
     from flexkd import resources, tracking
-    from flexkd.data.task import read_snapshot
+    from flexkd.data.raw_splits import read_snapshot
     from flexkd.tasks import task_for
 
     cfg = load_params(params)

@@ -120,7 +120,7 @@ def run_dvc(command: list[str], root: Path, env: dict) -> int:
 
 def stale_snapshot(cfg, paths) -> str | None:
     """Why the validate stage must run again although DVC sees nothing changed (a local source file changed)."""
-    from flexkd.data.task import snapshot_staleness
+    from flexkd.data.raw_splits import snapshot_staleness
 
     reason = snapshot_staleness(cfg.data, paths.validated)
     if reason:

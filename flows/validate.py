@@ -20,7 +20,7 @@ def validate_flow(params: str | None = None, sync: bool = False) -> dict:
 
         return run_synced("validate", params)
     from flexkd import resources, tracking
-    from flexkd.data.task import describe_sources, write_snapshot
+    from flexkd.data.raw_splits import describe_sources, write_snapshot
     from flexkd.data.validation import raise_for_failures
     from flexkd.tasks import task_for
 

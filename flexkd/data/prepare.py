@@ -14,14 +14,15 @@ import numpy as np
 import pandas as pd
 
 from flexkd.errors import ConfigError, DataError
-from flexkd.provenance import sha256_file, sha256_files
+from flexkd.provenance import atomic_write_text, sha256_file, sha256_files
 
 SPLITS = ("train", "validation", "test")
 LABEL_MAP_FILE = "label_map.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def _split_path(out_dir: Path, split: str) -> Path:
+def split_path(out_dir: Path, split: str) -> Path:
+    """Where a prepared split lives: ``<out_dir>/<split>.jsonl``."""
     return out_dir / f"{split}.jsonl"
 
 
@@ -54,7 +55,9 @@ def _stratified_pick(labels: pd.Series, n: int, rng: np.random.Generator) -> np.
     return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
 
 
-def _validation_count(size, n_rows: int) -> int:
+def validation_count(size, n_rows: int) -> int:
+    """Rows to hold out for validation: ``size`` rows (int) or that fraction of ``n_rows`` (float), leaving at
+    least one training row; ConfigError otherwise."""
     if isinstance(size, bool) or not isinstance(size, (int, float)):
         raise ConfigError(f"validation_size must be an int (rows) or a float (fraction), got {size!r}")
     if isinstance(size, float):
@@ -96,12 +99,12 @@ def _write_split(path: Path, frame: pd.DataFrame, ids: list[int]) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _write_json(path: Path, payload) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, payload) -> None:
+    """A prepared dataset's JSON file (manifest, label map): indented, non-ASCII kept, written atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
-def _sources(frames: list[pd.DataFrame]) -> list[dict]:
+def manifest_sources(frames: list[pd.DataFrame]) -> list[dict]:
     """The source files of the rows, with their sha256: recorded in the raw snapshot (``attrs``, so the same
     wherever the snapshot was pulled to), else hashed from the file when it is here."""
     known = {k: v for frame in frames for k, v in frame.attrs.get("source_sha256", {}).items()}
@@ -149,7 +152,7 @@ def prepare_classification(
     deduped = train.drop_duplicates(subset=key_columns, keep="first").reset_index(drop=True)
     dropped = len(train) - len(deduped)
 
-    n_val = _validation_count(validation_size, len(deduped))
+    n_val = validation_count(validation_size, len(deduped))
     val_pos = _stratified_pick(deduped["label"].astype(str), n_val, rng)
     is_val = np.zeros(len(deduped), dtype=bool)
     is_val[val_pos] = True
@@ -173,20 +176,20 @@ def prepare_classification(
         "max_test": max_test,
         "dropped_duplicate_train_rows": dropped,
         "num_labels": len(label_map),
-        "sources": {"train": _sources([train]), "test": _sources([test])},
+        "sources": {"train": manifest_sources([train]), "test": manifest_sources([test])},
     }
     for split in SPLITS:
         frame = splits[split]
         ids = _label_ids(frame, label_map, split)
-        path = _split_path(out_dir, split)
+        path = split_path(out_dir, split)
         _write_split(path, frame, ids)
         counts = Counter(ids)
         manifest["rows"][split] = len(frame)
         manifest["sha256"][split] = sha256_file(path)
         manifest["label_distribution"][split] = {id_to_label[str(i)]: counts.get(i, 0) for i in sorted(label_map.values())}
-    _write_json(out_dir / LABEL_MAP_FILE, {"label_to_id": dict(label_map), "id_to_label": id_to_label})
+    write_json(out_dir / LABEL_MAP_FILE, {"label_to_id": dict(label_map), "id_to_label": id_to_label})
     manifest["fingerprint"] = split_fingerprint(out_dir)
-    _write_json(out_dir / MANIFEST_FILE, manifest)
+    write_json(out_dir / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -221,7 +224,7 @@ def load_label_map(directory: str | os.PathLike) -> dict[str, int]:
 def split_fingerprint(directory: str | os.PathLike) -> str:
     """One sha256 over train/validation/test.jsonl of a prepared dataset directory."""
     directory = Path(directory)
-    paths = [_split_path(directory, split) for split in SPLITS]
+    paths = [split_path(directory, split) for split in SPLITS]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"prepared split file(s) missing: {missing}")

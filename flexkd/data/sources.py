@@ -67,7 +67,8 @@ class ColumnMap:
         return out
 
 
-def _infer_format(path: Path, fmt: str | None) -> str:
+def infer_format(path: Path, fmt: str | None) -> str:
+    """``fmt`` checked against ``FORMATS``, or the format the file's extension names; DataError otherwise."""
     if fmt is not None:
         fmt = fmt.lower().lstrip(".")
         if fmt not in FORMATS:
@@ -82,7 +83,8 @@ def _infer_format(path: Path, fmt: str | None) -> str:
     return _EXTENSIONS[suffix]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file's text (UTF-8, a BOM dropped); DataError for a missing, empty or non-UTF-8 file."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
@@ -138,7 +140,9 @@ def _frame(path: Path, columns: ColumnMap, rows: list[tuple[int, dict]]) -> pd.D
     return frame
 
 
-def _load_delimited(path: Path, text: str, columns: ColumnMap, fmt: str, header: bool) -> pd.DataFrame:
+def load_delimited(path: Path, text: str, columns: ColumnMap, fmt: str, header: bool) -> pd.DataFrame:
+    """A tsv/csv text (of ``path``) as the ``load_table`` frame; ``source_row`` counts every line, blank ones and
+    the header included. The generation loader reads its delimited files through this too."""
     if fmt == "tsv":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
@@ -173,7 +177,9 @@ def _load_delimited(path: Path, text: str, columns: ColumnMap, fmt: str, header:
     return _frame(path, columns, records)
 
 
-def _json_records(path: Path, text: str, fmt: str) -> list[tuple[int, object]]:
+def json_records(path: Path, text: str, fmt: str) -> list[tuple[int, object]]:
+    """``(number, record)`` of a json/jsonl text: the line number (jsonl, blank lines skipped) or the 1-based
+    position in the list (json: a list, or an object whose ``data`` is one)."""
     if fmt == "jsonl":
         out = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -196,7 +202,7 @@ def _json_records(path: Path, text: str, fmt: str) -> list[tuple[int, object]]:
 
 
 def _load_json(path: Path, text: str, columns: ColumnMap, fmt: str) -> pd.DataFrame:
-    entries = _json_records(path, text, fmt)
+    entries = json_records(path, text, fmt)
     if not entries:
         raise DataError(f"{path}: no records")
     where = "line" if fmt == "jsonl" else "record"
@@ -241,10 +247,10 @@ def load_table(
     Raises DataError naming the file and line for anything that cannot be read as configured.
     """
     path = Path(path)
-    fmt = _infer_format(path, fmt)
-    text = _read_text(path)
+    fmt = infer_format(path, fmt)
+    text = read_text(path)
     if fmt in ("tsv", "csv"):
-        return _load_delimited(path, text, columns, fmt, header)
+        return load_delimited(path, text, columns, fmt, header)
     return _load_json(path, text, columns, fmt)
 
 

@@ -3,9 +3,12 @@
 Each split (``train``, ``test``, ...) as returned by ``load_table`` is checked by one GX expectation suite.
 Every failure names the split, the raw file, the column and the ``source_row`` of sample bad rows, i.e. the
 line to open in an editor. It is worded for the user, not in the validator's terms: what is wrong and for how many
-rows, where, and what to do (the setting to change, or the fix in the data), from one table (``EXPLANATIONS``);
-the GX expectation name comes last, for whoever reads the suite. great_expectations is imported inside functions:
-importing it takes seconds.
+rows, where, and what to do (the setting to change, or the fix in the data), from one table (``EXPLANATIONS`` in
+``flexkd.data.explanations``); the GX expectation name comes last, for whoever reads the suite.
+
+The report, the suite runner (``quiet_context``, ``run_suite``, ``failure_record``, ``record_outcome``) and
+``raise_for_failures`` serve the generation suite (``flexkd.data.generation.validation``) too.
+great_expectations is imported inside functions: importing it takes seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flexkd.data.explanations import check_target, describe_failure
 from flexkd.errors import ValidationFailed
 
 REPORT_JSON = "validation_report.json"
@@ -26,6 +30,7 @@ REPORT_MD = "validation_report.md"
 _PAIR_KEY = "_text_and_pair"  # synthetic column: duplicates / overlap of sentence pairs are judged on both texts
 _PAIR_SEP = "\x1f"
 _BIG = 20  # kwargs lists longer than this are summarised in the report
+_LINES_KEPT = 100  # line numbers kept per failure in the report
 
 
 @dataclass
@@ -82,7 +87,7 @@ class ValidationReport:
                 lines.append(f"### {number}. {failure['message']}")
                 lines.append("")
                 lines.append(f"- what to do: {failure['remedy']}")
-                check = f"`{failure['expectation']}` on {_target(failure['column'])}"
+                check = f"`{failure['expectation']}` on {check_target(failure['column'])}"
                 lines.append(f"- check: {check} ({failure['split']} split)")
                 lines.append(f"- file: `{failure['file']}`")
                 if failure["kwargs"]:
@@ -130,16 +135,13 @@ def _short(value, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _target(column: str | None) -> str:
-    return f"column {column!r}" if column else "the table"
-
-
 def _percent(failure: dict) -> str:
     percent = failure.get("unexpected_percent")
     return "" if percent is None else f" ({percent:.2f}%)"
 
 
-def _is_missing(value) -> bool:
+def is_missing(value) -> bool:
+    """None, NaN or another value pandas counts as missing."""
     try:
         return value is None or bool(pd.isna(value))
     except (TypeError, ValueError):
@@ -147,14 +149,15 @@ def _is_missing(value) -> bool:
 
 
 def _as_str_or_none(value):
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     return str(value)
 
 
-def _file_of(frame: pd.DataFrame) -> str:
+def file_of(frame: pd.DataFrame) -> str:
+    """The raw file(s) a split's rows came from, as the report names them (``<in-memory>`` when unknown)."""
     if "source_file" not in frame.columns or frame.empty:
         return "<in-memory>"
     return ", ".join(sorted({str(f) for f in frame["source_file"].dropna().unique()})) or "<in-memory>"
@@ -174,7 +177,7 @@ def _validation_frame(frame: pd.DataFrame) -> pd.DataFrame:
         out["source_row"] = pd.Series(range(1, len(frame) + 1), dtype="int64")
     if "text" in out.columns and "text_pair" in out.columns:
         out[_PAIR_KEY] = [
-            None if _is_missing(a) or _is_missing(b) else f"{a}{_PAIR_SEP}{b}" for a, b in zip(out["text"], out["text_pair"])
+            None if is_missing(a) or is_missing(b) else f"{a}{_PAIR_SEP}{b}" for a, b in zip(out["text"], out["text_pair"])
         ]
     return out
 
@@ -187,7 +190,7 @@ def _display_value(column: str | None, value):
     if column == _PAIR_KEY and isinstance(value, str):
         text, _, pair = value.partition(_PAIR_SEP)
         return {"text": text, "text_pair": pair}
-    return None if _is_missing(value) else value
+    return None if is_missing(value) else value
 
 
 def _small_kwargs(kwargs: dict) -> dict:
@@ -201,7 +204,8 @@ def _small_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def _quiet_context():
+def quiet_context():
+    """An ephemeral GX context without progress bars (the suites of both data formats run in one)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -211,228 +215,6 @@ def _quiet_context():
     except Exception:  # noqa: BLE001 - progress bars are cosmetic
         pass
     return context
-
-
-# --------------------------------------------------------------------------------------------- plain words
-@dataclass(frozen=True)
-class Explanation:
-    """What a failed expectation means for the data, and what the user can do about it.
-
-    Both are ``str.format`` templates over the facts of one failure (``_facts``): ``{rows}`` ("11 test rows
-    (0.55%)"), ``{where}`` (file and lines), ``{column}``, the expectation's bounds, and the suggested setting
-    that would tolerate it (``{tolerate}``, ``{duplicate_rate}``). The validator's own name for the check comes after
-    these words, never instead of them: "expect_column_values_to_not_be_in_set" tells a user nothing."""
-
-    what: str
-    remedy: str
-
-
-_DROPPED = "prepare then drops them and lists their lines in its manifest under dropped_invalid_rows"
-_TOLERATE = "or {tolerate} to tolerate up to that share (" + _DROPPED + ")"
-
-# Every expectation type the suites use (the classification suite here, the generation suite in
-# flexkd.data.generation) -> its words. The inner key is the failure's column as the report shows it, None for
-# any other column: a check whose meaning depends on the column (a null label is not a null text) gets its own
-# words. tests/unit/test_validation.py builds both suites and fails when a type they use has no entry here.
-EXPLANATIONS: dict[str, dict[str | None, Explanation]] = {
-    "expect_table_row_count_to_be_between": {
-        None: Explanation(
-            what="The {split} split has no rows: {file} holds no data rows.",
-            remedy="Point {file_param} at a file with data rows (a header line alone is not enough).",
-        ),
-    },
-    "expect_column_to_exist": {
-        None: Explanation(
-            what="The {split} data has no '{column}' column, so none of its {total} rows can be checked "
-            "({columns_found}): {file}.",
-            remedy="Map the file's column to it with data.columns.{column} (its name, or its 0-based position in a "
-            "file without header), or rename the column in the file.",
-        ),
-        "references": Explanation(
-            what="The {split} data has no references (responses), so none of its {total} rows can be checked "
-            "({columns_found}): {file}.",
-            remedy="Map the file's response column with data.columns.response (a string, or a list of references).",
-        ),
-    },
-    "expect_column_values_to_not_be_null": {
-        None: Explanation(
-            what="{rows} {have} no {column} (a missing field or null): {where}.",
-            remedy="Fill in or remove those rows, " + _TOLERATE + ".",
-        ),
-        "label": Explanation(
-            what="{rows} {have} no label (a missing field or null): {where}.",
-            remedy="Give those rows their label or remove them (validation.max_invalid_rate does not cover labels: "
-            "a row without a label can be neither trained on nor scored).",
-        ),
-    },
-    "expect_column_values_to_not_match_regex": {
-        None: Explanation(
-            what="{rows} {have} an empty or whitespace-only {column}: {where}.",
-            remedy="Fill in or remove those rows, " + _TOLERATE + ".",
-        ),
-        "references": Explanation(
-            what="{rows} {have} an empty or whitespace-only reference (response): {where}.",
-            remedy="Fill in or remove the empty references, " + _TOLERATE + ".",
-        ),
-    },
-    "expect_column_value_lengths_to_be_between": {
-        None: Explanation(
-            what="{rows} {have} a {column} shorter than {min_value} or longer than {max_value} characters "
-            "(found: {span}): {where}.",
-            remedy="Shorten, fill in or remove those rows, or widen the bounds with validation.max_chars / "
-            "validation.min_chars, " + _TOLERATE + ".",
-        ),
-        "input": Explanation(
-            what="{rows} {have} an input longer than {max_value} characters (found: {span}): {where}.",
-            remedy="Shorten or remove those inputs, or raise validation.max_chars (validation.max_invalid_rate does "
-            "not cover the input column).",
-        ),
-    },
-    "expect_column_values_to_be_in_set": {
-        None: Explanation(
-            what="{rows} {have} a {column} outside the allowed set ({values}; allowed: {allowed}): {where}.",
-            remedy="Correct those labels or remove the rows, or list every label in data.labels (without "
-            "data.labels the training file defines the labels and other splits may only use labels seen in it; "
-            "validation.max_invalid_rate does not cover labels).",
-        ),
-    },
-    "expect_column_values_to_not_be_in_set": {
-        None: Explanation(
-            what="{rows} also appear{s} in the training file (same {column}): {where}.",
-            remedy="Remove those rows from one of the two files, " + _TOLERATE + ", or set "
-            "validation.check_overlap: false to keep them (the {split} scores then include rows the model was "
-            "trained on).",
-        ),
-    },
-    "expect_column_proportion_of_unique_values_to_be_between": {
-        None: Explanation(
-            what="{rows} repeat{s} an earlier row's {column}, more than validation.max_duplicate_rate "
-            "({max_duplicate}) allows: {where}.",
-            remedy="Remove the repeated rows, or set validation.max_duplicate_rate: {duplicate_rate} to tolerate "
-            "that share (prepare keeps the first of each repeated training row and drops the rest; other splits "
-            "keep theirs).",
-        ),
-    },
-    "expect_column_values_to_be_between": {
-        None: Explanation(
-            what="{rows} {have} a {column} outside {min_value} to {max_value} (found: {span}): {where}.",
-            remedy="Correct or remove those rows, " + _TOLERATE + ".",
-        ),
-        "references": Explanation(
-            what="{rows} {have} no reference (an empty list of responses): {where}.",
-            remedy="Give those rows a response or remove them, " + _TOLERATE + ".",
-        ),
-        "prompt_tokens": Explanation(
-            what="{rows} {have} a prompt longer than {max_value} tokens once templated (found: {span}): {where}.",
-            remedy="Shorten or remove those prompts, or raise validation.max_prompt_tokens to {largest} or more "
-            "(training keeps the last generation.max_prompt_tokens tokens of a prompt), or {tolerate} to let up "
-            "to that share through (prepare keeps them; training truncates them).",
-        ),
-        "response_tokens": Explanation(
-            what="{rows} {have} a response longer than {max_value} tokens with its end token (found: {span}): "
-            "{where}.",
-            remedy="Shorten or remove those responses, or raise max_response_tokens of GenerationValidationSettings "
-            "to {largest} or more (training keeps the first generation.max_response_tokens tokens), or {tolerate} "
-            "to let up to that share through (prepare keeps them; training truncates them).",
-        ),
-    },
-}
-
-_UNKNOWN = Explanation(  # never shown for the suites' own checks (a test holds every type to an entry)
-    what="The {split} data failed a check without a plain-words description ({rows}): {where}.",
-    remedy="See the check's arguments in validation_report.md; then add its words to EXPLANATIONS in "
-    "flexkd/data/validation.py.",
-)
-_RAISED = Explanation(
-    what="The {split} data could not be checked for this: the validator stopped with \"{error}\" ({file}).",
-    remedy="Usually a column is missing or holds values of an unexpected type; check the column mapping "
-    "(data.columns) and the failures listed before this one.",
-)
-_LINES_SHOWN = 10  # line numbers spelled out in a message; the rest are counted
-_LINES_KEPT = 100  # line numbers kept per failure in the report
-
-
-def _suggest(share: float) -> float:
-    """A setting just above ``share`` (next 0.001 up): the GX ``mostly`` comparison is not fooled by rounding."""
-    return min(1.0, math.floor(share * 1000 + 1) / 1000)
-
-
-def _number(value):
-    """GX stores bounds as floats: 100.0 tokens reads as 100."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _listed(values, limit: int = 10) -> str:
-    shown = [repr(v) if isinstance(v, str) else str(v) for v in list(values)[:limit]]
-    return ", ".join(shown) + (", ..." if len(values) > limit else "")
-
-
-def _facts(failure: dict) -> dict:
-    """The template fields of ``EXPLANATIONS`` for one failure (see ``Explanation``)."""
-    kwargs = failure.get("kwargs") or {}
-    split, file, count, share = failure["split"], failure["file"], failure.get("rows"), failure.get("share")
-    lines = failure.get("lines") or []
-    unit = "rows" if str(file).startswith("hf://") else "lines"
-    shown = lines[:_LINES_SHOWN]
-    where = file
-    if shown:
-        more = (count or len(lines)) - len(shown)
-        unit = unit if len(shown) > 1 or more > 0 else unit[:-1]
-        where = f"{file} {unit} {', '.join(str(r) for r in shown)}" + (f" and {more} more" if more > 0 else "")
-    if count is None:
-        rows = f"all {failure.get('rows_total')} {split} rows"
-    else:
-        rows = f"{count} {split} row{'' if count == 1 else 's'}" + ("" if share is None else f" ({share * 100:.2f}%)")
-    invalid = _suggest(share or 0.0)
-    tolerate = f"set validation.max_invalid_rate: {invalid:g}"
-    if invalid >= 0.5:
-        tolerate += " (not accepted: it must stay below 0.5, so this many rows must be fixed in the data)"
-    low, high = (_number(v) for v in failure.get("unexpected_range") or [None, None])
-    min_value, max_value = _number(kwargs.get("min_value")), _number(kwargs.get("max_value"))
-    value_set = kwargs.get("value_set")
-    return {
-        "split": split,
-        "file": file,
-        "file_param": "data.train_file" if split == "train" else f"data.{split}_file (or data.test_size)",
-        "column": (failure.get("column") or "table").replace("+", " and "),
-        "rows": rows,
-        "have": "has" if count == 1 else "have",  # verbs after {rows} agree with it
-        "s": "s" if count == 1 else "",
-        "total": failure.get("rows_total"),
-        "where": where,
-        "min_value": "no minimum" if min_value is None else min_value,
-        "max_value": "no maximum" if max_value is None else max_value,
-        "span": "?" if low is None else (str(low) if low == high else f"{low} to {high}"),
-        "largest": high,
-        "values": _listed(failure.get("unexpected_values") or []),
-        "allowed": _listed(value_set) if isinstance(value_set, list) else value_set,
-        "columns_found": f"columns found: {_listed(failure.get('columns_found') or [], limit=_BIG)}",
-        "tolerate": tolerate,
-        "max_duplicate": None if min_value is None else round(1.0 - min_value, 6),
-        "duplicate_rate": f"{_suggest(share or 0.0):g}",
-        "error": failure.get("error"),
-    }
-
-
-def explanation_for(expectation: str, column: str | None) -> Explanation | None:
-    """The words of ``EXPLANATIONS`` for a check on a (report) column; None when the type has no entry."""
-    entry = EXPLANATIONS.get(expectation)
-    if entry is None:
-        return None
-    return entry.get(column, entry[None])
-
-
-def describe_failure(failure: dict) -> dict:
-    """Add ``message`` (what is wrong, how many rows, where), ``remedy`` (what to do, naming the setting) and
-    ``check`` (the validator's expectation and column) to a failure from ``_failure``; returns it.
-
-    Called again after a suite renames the failure's column (generation), so the words follow the report."""
-    words = _RAISED if failure.get("error") else explanation_for(failure["expectation"], failure["column"]) or _UNKNOWN
-    facts = _facts(failure)
-    failure["message"] = words.what.format(**facts)
-    failure["remedy"] = words.remedy.format(**facts)
-    failure["check"] = f"{failure['expectation']} on {_target(failure['column'])}"
-    return failure
 
 
 def _build_suite(gx, name: str, frame: pd.DataFrame, settings: ValidationSettings, allowed, train_keys):
@@ -479,12 +261,12 @@ def _measure(value):
     """What a bounds check measures: a text's length, a number itself (None for anything else)."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, numbers.Number) and not isinstance(value, bool) and not _is_missing(value):
+    if isinstance(value, numbers.Number) and not isinstance(value, bool) and not is_missing(value):
         return _jsonable(value)
     return None
 
 
-def _failure(split: str, file: str, frame: pd.DataFrame, raw: pd.DataFrame, result, settings: ValidationSettings) -> dict:
+def failure_record(split: str, file: str, frame: pd.DataFrame, raw: pd.DataFrame, result, settings: ValidationSettings) -> dict:
     """One failed expectation as the report keeps it: the validator's result plus the facts its plain words need
     (rows affected and their share, their source lines, the offending values); ``describe_failure`` words it."""
     config = result.expectation_config
@@ -574,7 +356,7 @@ def validate_classification(
     import great_expectations as gx
 
     settings = settings or ValidationSettings()
-    context = _quiet_context()
+    context = quiet_context()
     batch = (
         context.data_sources.add_pandas("flexkd_raw")
         .add_dataframe_asset("classification")
@@ -599,7 +381,7 @@ def validate_classification(
             train_keys = sorted({v for v in train[train_key] if isinstance(v, str)})
         suite = _build_suite(gx, f"classification_{split}", frame, settings, allowed, train_keys)
         outcome = run_suite(gx, context, batch, suite, split, frame, settings.sample_rows)
-        file = _file_of(splits[split])
+        file = file_of(splits[split])
         for result in outcome.results:
             config = result.expectation_config
             res = result.result or {}
@@ -613,7 +395,7 @@ def validate_classification(
                 }
             )
             if not result.success:
-                report.failures.append(describe_failure(_failure(split, file, frame, splits[split], result, settings)))
+                report.failures.append(describe_failure(failure_record(split, file, frame, splits[split], result, settings)))
         record_outcome(report, split, file, frame, outcome)
     return report
 

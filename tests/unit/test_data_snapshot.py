@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flexkd.config import parse_config
-from flexkd.data.task import describe_sources, read_snapshot, snapshot_staleness, write_snapshot
+from flexkd.data.raw_splits import describe_sources, read_snapshot, snapshot_staleness, write_snapshot
 from flexkd.errors import DataError
 from flexkd.tasks import task_for
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flexkd.config import parse_config
-from flexkd.data.task import describe_sources, load_raw_splits, resolve_source
+from flexkd.data.raw_splits import describe_sources, load_raw_splits, resolve_source
 from flexkd.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from flexkd.config import parse_config
-from flexkd.data.task import drop_invalid_rows, hold_out_test
+from flexkd.data.raw_splits import drop_invalid_rows, hold_out_test
 from flexkd.errors import ConfigError
 from flexkd.tasks import ClassificationTask, evenly_spaced_layers, task_for
 

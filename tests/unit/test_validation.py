@@ -17,7 +17,7 @@ from flexkd.data import (
     raise_for_failures,
     validate_classification,
 )
-from flexkd.data import validation
+from flexkd.data import explanations, validation
 from flexkd.errors import ValidationFailed
 
 
@@ -303,9 +303,9 @@ def test_every_expectation_the_suites_use_has_plain_words():
 
     import great_expectations as gx
 
-    from flexkd.data import generation
+    from flexkd.data.generation import validation as generation
 
-    validation._quiet_context()  # GX 1.x builds expectations only with a context
+    validation.quiet_context()  # GX 1.x builds expectations only with a context
     columns = ("text", "text_pair", "label", validation._PAIR_KEY)
     frame = pd.DataFrame({column: ["x"] for column in columns})
     suite = validation._build_suite(gx, "all", frame, ValidationSettings(require_text_pair=True), ["x"], ["x"])
@@ -319,18 +319,18 @@ def test_every_expectation_the_suites_use_has_plain_words():
     used |= {(e.expectation_type, generation._display(e.configuration.kwargs.get("column")))
              for e in suite.expectations}
 
-    missing = sorted({expectation for expectation, _ in used} - set(validation.EXPLANATIONS))
+    missing = sorted({expectation for expectation, _ in used} - set(explanations.EXPLANATIONS))
     assert not missing, f"expectation types without plain words in EXPLANATIONS: {missing}"
-    for expectation, entry in validation.EXPLANATIONS.items():
+    for expectation, entry in explanations.EXPLANATIONS.items():
         assert None in entry, expectation  # the words for any column
         stale = [column for column in entry if column is not None and (expectation, column) not in used]
         assert not stale, (expectation, stale)
 
     failure = {"split": "train", "file": "f.tsv", "expectation": "x", "column": "text", "kwargs": {}, "rows": 1,
                "share": 0.1, "rows_total": 10, "lines": [2]}
-    fields = set(validation._facts(failure))
-    everything = [w for entry in validation.EXPLANATIONS.values() for w in entry.values()]
-    for words in everything + [validation._UNKNOWN, validation._RAISED]:
+    fields = set(explanations._facts(failure))
+    everything = [w for entry in explanations.EXPLANATIONS.values() for w in entry.values()]
+    for words in everything + [explanations._UNKNOWN, explanations._RAISED]:
         for template in (words.what, words.remedy):
             names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
             assert names <= fields, (template, names - fields)
@@ -340,7 +340,7 @@ def test_a_check_without_words_still_reports_its_rows():
     """Should a check ever slip past the table (a suite built elsewhere), the gate still names rows and file."""
     failure = {"split": "train", "file": "f.tsv", "expectation": "expect_something_new", "column": "text",
                "kwargs": {}, "rows": 2, "share": 0.2, "rows_total": 10, "lines": [3, 4], "samples": []}
-    validation.describe_failure(failure)
+    explanations.describe_failure(failure)
     assert failure["message"].startswith("The train data failed a check without a plain-words description")
     assert "2 train rows (20.00%)" in failure["message"] and "f.tsv lines 3, 4" in failure["message"]
     assert failure["check"] == "expect_something_new on column 'text'"

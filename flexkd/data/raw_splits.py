@@ -1,4 +1,9 @@
-"""From the ``data`` params to raw splits: the one place that turns configuration into data frames."""
+"""From the ``data`` params to raw splits: the one place that turns configuration into data frames.
+
+Which source a run reads (local files or the Hugging Face Hub), loading it, the held-out test split, the raw
+snapshot the validate stage stores (and prepare reads back), and the settings and row filter that validation and
+prepare take from the params. The per-format steps that call these are the task adapters in ``flexkd.tasks``.
+"""
 
 from __future__ import annotations
 
@@ -317,14 +322,3 @@ def drop_invalid_rows(frame: pd.DataFrame, text_columns: list[str], min_chars: i
         bad |= values.isna() | (stripped_len == 0) | (stripped_len < min_chars) | (text.str.len() > max_chars)
     dropped = [int(r) for r in frame.loc[bad, "source_row"]] if "source_row" in frame.columns else []
     return frame[~bad].reset_index(drop=True), dropped
-
-
-def tokenized_split(prepared_dir: Path, split: str, tokenizer, max_length: int, limit: int | None = None) -> list[dict]:
-    """Features of one prepared split (first ``limit`` rows if given), ready for PadCollator."""
-    from flexkd.data.prepare import load_split
-    from flexkd.data.tokenize import tokenize_classification
-
-    records = load_split(Path(prepared_dir) / f"{split}.jsonl")
-    if limit is not None:
-        records = records[:limit]
-    return tokenize_classification(records, tokenizer, max_length)
