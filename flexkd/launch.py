@@ -5,7 +5,7 @@ it is ``train_loop`` itself. With N processes the arguments (models, loss closur
 serialised with cloudpickle into a job file under ``work_dir``; ``accelerate launch`` starts N ranks of
 ``python -m flexkd.launch JOB RESULT`` (torchrun underneath: ``--multi_gpu`` is accelerate's name for it,
 and on a host without CUDA the ranks use CPU and gloo); each rank loads the job and runs ``train_loop``, which
-wraps, shards and reduces (see ``flexkd.train._Ranks``). Rank 0 logs, writes the checkpoints and the result;
+wraps, shards and reduces (see :class:`flexkd.distributed.Ranks`). Rank 0 logs, writes the checkpoints and the result;
 this process waits, then loads the kept weights into its own ``model`` (and ``extra``), so that the caller
 continues exactly as after a one-process run.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from flexkd.errors import FlexKDError
 from flexkd.provenance import atomic_write_text, recover_dir
-from flexkd.train import CHECKPOINT, Interrupted, TrainResult, TrainState, _load_weights, train_loop
+from flexkd.train import CHECKPOINT, Interrupted, TrainResult, TrainState, load_weights, train_loop
 
 
 class LaunchError(FlexKDError):
@@ -156,7 +156,7 @@ def _launch(**kwargs) -> TrainResult:
         raise Interrupted(outcome["interrupted"])
     # Leave model (and extra) as a one-process train_loop would: the kept weights, the last extra.
     model_dir = Path(outcome["model_dir"])
-    _load_weights(model, model_dir)
+    load_weights(model, model_dir)
     if extra is not None:
         blob = torch.load(work_dir / CHECKPOINT / "trainer_state.pt", map_location="cpu", weights_only=True)
         if blob["extra"] is not None:
