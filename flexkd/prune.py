@@ -57,7 +57,9 @@ class PrunePlan:
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
+    """The sizes pruning works with, read from a model's config (:func:`geometry`)."""
+
     family: str  # "llama", "bert" or "gpt2"
     hidden: int
     layers: int
@@ -79,27 +81,28 @@ def _family(model) -> str:
     )
 
 
-def _geometry(model) -> _Geometry:
+def geometry(model) -> Geometry:
+    """The Geometry of ``model`` (only ``model.config`` is read); ConfigError for a family or variant not supported."""
     family = _family(model)
     c = model.config
     if family == "llama":
         heads = int(c.num_attention_heads)
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
-        return _Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, kv, head_dim, int(c.intermediate_size))
+        return Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, kv, head_dim, int(c.intermediate_size))
     if family == "bert":
         heads = int(c.num_attention_heads)
         if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise ConfigError(f"prune: BERT position_embedding_type {c.position_embedding_type!r} is not supported (absolute only)")
         if getattr(c, "is_decoder", False) or getattr(c, "add_cross_attention", False):
             raise ConfigError("prune: BERT decoders / cross-attention are not supported")
-        return _Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, heads, int(c.hidden_size) // heads, int(c.intermediate_size))
+        return Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, heads, int(c.hidden_size) // heads, int(c.intermediate_size))
     # gpt2
     if getattr(c, "add_cross_attention", False):
         raise ConfigError("prune: GPT-2 with cross-attention is not supported")
     heads = int(c.n_head)
     inner = int(c.n_inner) if c.n_inner is not None else 4 * int(c.n_embd)
-    return _Geometry(family, int(c.n_embd), int(c.n_layer), heads, heads, int(c.n_embd) // heads, inner)
+    return Geometry(family, int(c.n_embd), int(c.n_layer), heads, heads, int(c.n_embd) // heads, inner)
 
 
 # A rule maps a key to index specs per dimension: "S" hidden units, "Q" query-head rows, "KV" key/value-head rows,
@@ -206,7 +209,7 @@ def head_importance_from_weights(model) -> dict[int, torch.Tensor]:
 
     For GQA, the k and v rows are those of the head's KV group (shared by the group's query heads).
     """
-    geo = _geometry(model)
+    geo = geometry(model)
     h, g, hd, e = geo.heads, geo.kv_heads, geo.head_dim, geo.hidden
     rep = h // g
     out = {}
@@ -232,7 +235,7 @@ def head_importance_from_weights(model) -> dict[int, torch.Tensor]:
 
 def channel_importance_from_weights(model) -> dict[int, torch.Tensor]:
     """Per teacher layer: one score per MLP channel, the L2 norm of the channel's rows (in) and column (out)."""
-    geo = _geometry(model)
+    geo = geometry(model)
     out = {}
     for i, layer in enumerate(_layer_modules(model)):
         if geo.family == "llama":
@@ -250,7 +253,7 @@ def channel_importance_from_weights(model) -> dict[int, torch.Tensor]:
 
 def _attn_out_and_mlp_act_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """Per layer: (module whose input is the concatenated head outputs, module whose input is the MLP activation)."""
-    geo = _geometry(model)
+    geo = geometry(model)
     pairs = []
     for layer in _layer_modules(model):
         if geo.family == "llama":
@@ -272,7 +275,7 @@ def activation_importance(
     dims (or the channel) and over the non-padding positions of up to ``max_batches`` batches.
     Returns (head scores, channel scores), each keyed by teacher layer index.
     """
-    geo = _geometry(model)
+    geo = geometry(model)
     if max_batches < 1:
         raise ConfigError(f"activation_importance: max_batches={max_batches} must be >= 1")
     device = next(model.parameters()).device
@@ -363,7 +366,7 @@ def _check_sorted_unique(values: list[int], bound: int, field: str, what: str) -
         raise ConfigError(f"{FIELD}.{field}: must be in ascending order")
 
 
-def _valid_head_counts(geo: _Geometry, d_s: int, model_type: str) -> list[int]:
+def _valid_head_counts(geo: Geometry, d_s: int, model_type: str) -> list[int]:
     rep = geo.heads // geo.kv_heads
     valid = [h for h in range(1, geo.heads + 1) if h % geo.kv_heads == 0 or h % rep == 0]
     if model_type == "llama":  # LlamaConfig.validate_architecture insists on hidden_size % num_attention_heads == 0
@@ -371,7 +374,9 @@ def _valid_head_counts(geo: _Geometry, d_s: int, model_type: str) -> list[int]:
     return valid
 
 
-def _resolve_plan(plan: PrunePlan, geo: _Geometry, model_type: str) -> tuple[list[int], list[int], int, int]:
+def resolve_plan(plan: PrunePlan, geo: Geometry, model_type: str) -> tuple[list[int], list[int], int, int]:
+    """(hidden units, layers, heads per layer, MLP channels) of ``plan`` against the teacher's geometry, defaults
+    filled in; ConfigError naming the ``student.prune`` field that does not fit."""
     if not isinstance(plan, PrunePlan):
         raise ConfigError(f"{FIELD}: expected a PrunePlan, got {type(plan).__name__}")
     units = _int_list(plan.hidden_units, "hidden_units")
@@ -432,7 +437,7 @@ def _scores_for(importance: Mapping[int, torch.Tensor], layer: int, size: int, n
     return scores
 
 
-def _select_heads(geo: _Geometry, heads: int, scores: torch.Tensor | None) -> tuple[list[int], list[int]]:
+def _select_heads(geo: Geometry, heads: int, scores: torch.Tensor | None) -> tuple[list[int], list[int]]:
     """(kept query heads, kept KV heads), both ascending."""
     if heads == geo.heads:
         return list(range(geo.heads)), list(range(geo.kv_heads))
@@ -457,7 +462,7 @@ def _rows(blocks: list[int], size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _student_config(teacher, geo: _Geometry, d_s: int, layers: list[int], heads: int, kv_heads: int, channels: int):
+def _student_config(teacher, geo: Geometry, d_s: int, layers: list[int], heads: int, kv_heads: int, channels: int):
     config = teacher.config
     data = config.to_dict()
     if geo.family == "llama":
@@ -508,8 +513,8 @@ def prune_model(
     computed only when something is to be dropped. The selection is recorded in ``student.flexkd_prune_selection``
     (not saved with the model; ``describe`` reports it).
     """
-    geo = _geometry(teacher)
-    units, layers, heads, channels = _resolve_plan(plan, geo, teacher.config.model_type)
+    geo = geometry(teacher)
+    units, layers, heads, channels = resolve_plan(plan, geo, teacher.config.model_type)
     if heads < geo.heads and head_importance is None:
         head_importance = head_importance_from_weights(teacher)
     if channels < geo.intermediate and channel_importance is None:
@@ -588,7 +593,7 @@ def prune_model(
 
 
 def _sizes(model) -> dict:
-    geo = _geometry(model)
+    geo = geometry(model)
     return {
         "hidden_size": geo.hidden,
         "num_layers": geo.layers,
