@@ -28,7 +28,7 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
     from flexkd.models import load_tokenizer
     from flexkd.runtime import batches as epoch_batches, padding_stats, row_lengths
     from flexkd.tasks import task_for
-    from flexkd.train import _param_groups, set_threads
+    from flexkd.train import param_groups, set_threads
     from flows.common import paths_for
 
     cfg = load_config(root / "params.yaml")
@@ -54,7 +54,7 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
             if source == "cache" and setup.teacher_outputs != "cache":
                 continue  # the cache does not serve this method (it would run the teacher online again)
             modules = [setup.model] + ([setup.extra] if setup.extra is not None else [])
-            optimizer = runtime.optimizer(_param_groups(modules, settings.weight_decay), lr=1e-5)
+            optimizer = runtime.optimizer(param_groups(modules, settings.weight_decay), lr=1e-5)
             configs[f"{method}/{source}"] = (setup, optimizer)
 
     times: dict[str, list[float]] = {name: [] for name in configs}

@@ -101,41 +101,22 @@ def build_cache(
     progress: bool = True,
 ) -> dict:
     """Run ``teacher`` over ``features`` once and write the cache to ``out_dir`` atomically; returns its meta."""
-    from flexkd.losses import sparse_teacher_parts
-
     if not features:
         raise ConfigError("teacher_cache: the training split is empty")
     n = len(features)
     # Longest first within sorted batches keeps padding small; rows land at their example's offset whatever the order.
     order = sorted(range(n), key=lambda i: -len(features[i]["input_ids"]))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    counts = np.zeros(n, dtype=np.int64)
-    for ids in batches:
-        mask = feature_mask(collate([features[i] for i in ids])).bool()
-        counts[ids] = mask.sum(dim=1).numpy()
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    total = int(offsets[-1])
-    if total == 0:
+    offsets = _offsets(features, batches, collate, feature_mask)
+    if offsets[-1] == 0:
         raise ConfigError("teacher_cache: no position of the training split is compared by the losses (empty masks)")
-    storage = _NUMPY_DTYPES[spec.dtype]
-    needs_hidden = spec.columns is not None
-    columns = torch.tensor(spec.columns or [], dtype=torch.long)
     teacher.eval()
     device = next(teacher.parameters()).device  # the caller placed it (flexkd.runtime); batches follow
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         np.save(tmp / "offsets.npy", offsets)
-        open_memmap = np.lib.format.open_memmap
-        hidden = open_memmap(tmp / "hidden.npy", mode="w+", dtype=storage, shape=(total, len(columns))) if needs_hidden else None
-        if spec.generation:
-            k = int(spec.top_k)
-            top_values = open_memmap(tmp / "topk_values.npy", mode="w+", dtype=storage, shape=(total, k))
-            top_indices = open_memmap(tmp / "topk_indices.npy", mode="w+", dtype=np.int32, shape=(total, k))
-            tail = open_memmap(tmp / "tail_logit.npy", mode="w+", dtype=np.float32, shape=(total,))
-        else:
-            logits_out = None
+        arrays = _CacheArrays(tmp, spec, offsets)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -144,65 +125,109 @@ def build_cache(
         with torch.no_grad():
             for ids in batches:
                 batch = collate([features[i] for i in ids])
-                mask = feature_mask(batch).bool()
                 inputs = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
                           for key, value in batch.items() if key != "labels"}
-                out = teacher(**inputs, output_hidden_states=needs_hidden)
-                on_device = mask.to(device)
-                if spec.generation:
-                    logits = out.logits[..., : spec.vocab] if spec.vocab else out.logits
-                    values, indices, fill = (t.cpu() for t in sparse_teacher_parts(logits[on_device].float(), spec.top_k,
-                                                                                    spec.temperature))
-                elif logits_out is None:
-                    logits_out = np.zeros((n, out.logits.shape[-1]), dtype=storage)
-                rows_hidden = (out.hidden_states[-1][on_device][:, columns.to(device)].float().cpu()
-                               if needs_hidden else None)
-                position = 0
-                for b, i in enumerate(ids):
-                    lo, hi = int(offsets[i]), int(offsets[i + 1])
-                    span = slice(position, position + hi - lo)
-                    if needs_hidden:
-                        hidden[lo:hi] = _to_storage(rows_hidden[span], spec.dtype)
-                    if spec.generation:
-                        top_values[lo:hi] = _to_storage(values[span], spec.dtype)
-                        top_indices[lo:hi] = indices[span].numpy().astype(np.int32)
-                        tail[lo:hi] = fill[span].numpy().astype(np.float32)
-                    else:
-                        logits_out[i] = _to_storage(out.logits[b], spec.dtype)
-                    position += hi - lo
+                out = teacher(**inputs, output_hidden_states=spec.columns is not None)
+                arrays.write(ids, out, feature_mask(batch).bool().to(device))
                 if bar is not None:
                     bar.update(len(ids))
         if bar is not None:
             bar.close()
-        arrays = [a for a in (hidden,) + ((top_values, top_indices, tail) if spec.generation else ()) if a is not None]
-        for array in arrays:
-            array.flush()
-        del arrays
-        if not spec.generation:
-            np.save(tmp / "logits.npy", logits_out)
-        files = file_manifest(tmp, "*.npy")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "task": "generation" if spec.generation else "classification",
-            "n_examples": n,
-            "n_positions": total,
-            "columns": spec.columns,
-            "d_teacher": spec.d_teacher,
-            "dtype": spec.dtype,
-            "top_k": spec.top_k if spec.generation else None,
-            "temperature": spec.temperature if spec.generation else None,
-            "vocab": spec.vocab if spec.generation else None,
-            "provenance": dict(sorted(provenance.items())),
-            "files": files,
-            "bytes": sum((tmp / name).stat().st_size for name in files),
-            # what the same cache would take with every teacher unit (d_T) per position: the saving of `selected`
-            "full_width_bytes": sum((tmp / name).stat().st_size for name in files)
-            + total * (spec.d_teacher - len(columns)) * np.dtype(storage).itemsize,
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        arrays.close()
+        (tmp / META).write_text(json.dumps(_meta(tmp, spec, offsets, provenance), indent=1, sort_keys=True) + "\n")
 
     atomic_dir(out_dir, write)
     return json.loads((Path(out_dir) / META).read_text())
+
+
+def _offsets(features: Sequence[dict], batches: list[list[int]], collate, feature_mask) -> np.ndarray:
+    """Where each example's rows start in the arrays, one row per compared position (last: the number of rows)."""
+    counts = np.zeros(len(features), dtype=np.int64)
+    for ids in batches:
+        mask = feature_mask(collate([features[i] for i in ids])).bool()
+        counts[ids] = mask.sum(dim=1).numpy()
+    offsets = np.zeros(len(features) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+class _CacheArrays:
+    """The arrays of a cache being written under ``directory`` (memory-mapped ``.npy`` files; classification logits
+    in memory), filled one batch at a time, each example's rows at its offset."""
+
+    def __init__(self, directory: Path, spec: CacheSpec, offsets: np.ndarray):
+        self.directory, self.spec, self.offsets = directory, spec, offsets
+        storage = _NUMPY_DTYPES[spec.dtype]
+        total = int(offsets[-1])
+        self.columns = torch.tensor(spec.columns or [], dtype=torch.long)
+        open_memmap = np.lib.format.open_memmap
+        self.hidden = (open_memmap(directory / "hidden.npy", mode="w+", dtype=storage, shape=(total, len(self.columns)))
+                       if spec.columns is not None else None)
+        self.logits = None  # classification: (examples, classes), made at the first batch, which tells the classes
+        if spec.generation:
+            k = int(spec.top_k)
+            self.top_values = open_memmap(directory / "topk_values.npy", mode="w+", dtype=storage, shape=(total, k))
+            self.top_indices = open_memmap(directory / "topk_indices.npy", mode="w+", dtype=np.int32, shape=(total, k))
+            self.tail = open_memmap(directory / "tail_logit.npy", mode="w+", dtype=np.float32, shape=(total,))
+
+    def write(self, ids: list[int], out, mask: torch.Tensor) -> None:
+        """The teacher's outputs ``out`` for the examples ``ids``, at the positions ``mask`` marks (on their device)."""
+        from flexkd.losses import sparse_teacher_parts
+
+        spec = self.spec
+        if spec.generation:
+            logits = out.logits[..., : spec.vocab] if spec.vocab else out.logits
+            values, indices, fill = (t.cpu() for t in sparse_teacher_parts(logits[mask].float(), spec.top_k,
+                                                                            spec.temperature))
+        elif self.logits is None:
+            self.logits = np.zeros((len(self.offsets) - 1, out.logits.shape[-1]), dtype=_NUMPY_DTYPES[spec.dtype])
+        rows_hidden = (out.hidden_states[-1][mask][:, self.columns.to(mask.device)].float().cpu()
+                       if self.hidden is not None else None)
+        position = 0
+        for b, i in enumerate(ids):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            span = slice(position, position + hi - lo)
+            if self.hidden is not None:
+                self.hidden[lo:hi] = _to_storage(rows_hidden[span], spec.dtype)
+            if spec.generation:
+                self.top_values[lo:hi] = _to_storage(values[span], spec.dtype)
+                self.top_indices[lo:hi] = indices[span].numpy().astype(np.int32)
+                self.tail[lo:hi] = fill[span].numpy().astype(np.float32)
+            else:
+                self.logits[i] = _to_storage(out.logits[b], spec.dtype)
+            position += hi - lo
+
+    def close(self) -> None:
+        """Flush the memory maps to their files; write the classification logits."""
+        for array in (self.hidden,) + ((self.top_values, self.top_indices, self.tail) if self.spec.generation else ()):
+            if array is not None:
+                array.flush()
+        if not self.spec.generation:
+            np.save(self.directory / "logits.npy", self.logits)
+
+
+def _meta(directory: Path, spec: CacheSpec, offsets: np.ndarray, provenance: dict[str, str]) -> dict:
+    """meta.json of the cache written under ``directory``: what it holds, what it was made from, its files' hashes."""
+    files = file_manifest(directory, "*.npy")
+    size = sum((directory / name).stat().st_size for name in files)
+    width = len(spec.columns or [])
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": "generation" if spec.generation else "classification",
+        "n_examples": len(offsets) - 1,
+        "n_positions": int(offsets[-1]),
+        "columns": spec.columns,
+        "d_teacher": spec.d_teacher,
+        "dtype": spec.dtype,
+        "top_k": spec.top_k if spec.generation else None,
+        "temperature": spec.temperature if spec.generation else None,
+        "vocab": spec.vocab if spec.generation else None,
+        "provenance": dict(sorted(provenance.items())),
+        "files": files,
+        "bytes": size,
+        # what the same cache would take with every teacher unit (d_T) per position: the saving of `selected`
+        "full_width_bytes": size + int(offsets[-1]) * (spec.d_teacher - width) * np.dtype(_NUMPY_DTYPES[spec.dtype]).itemsize,
+    }
 
 
 def write_disabled(out_dir: str | Path) -> None:

@@ -127,21 +127,14 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     training split when the caller has it already. ``seed``: the student's init seed (default project.seed).
     """
     from flexkd.cache import IndexedCollate, cached_distillation_loss
-    from flexkd.config import METHODS
     from flexkd.data.prepare import split_fingerprint
     from flexkd.losses import build_objective
     from flexkd.models import hidden_size, load_tokenizer
     from flexkd.provenance import weights_hash
-    from flexkd.relevance import RelevanceIndex
     from flexkd.tasks import task_for
     from flexkd.train import distillation_loss
 
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r}: unknown; valid: {list(METHODS)}")
-    if student not in cfg.students:
-        raise ConfigError(f"student {student!r} is not defined under students ({sorted(cfg.students)})")
-    if teacher_source not in TEACHER_SOURCES:
-        raise ValueError(f"teacher_source {teacher_source!r}: one of {TEACHER_SOURCES}")
+    _check_request(cfg, student, method, teacher_source)
     task = task or task_for(cfg)
     runtime = runtime or task.runtime
     dcfg, scfg = cfg.distill, cfg.student(student)
@@ -152,28 +145,12 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     teacher_hash = weights_hash(paths.teacher)
     tokenizer = load_tokenizer(str(paths.teacher))
     teacher = task.load_model(str(paths.teacher))
-    index = RelevanceIndex.load(Path(paths.relevance) / "index.json")
-    index.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, method=cfg.relevance.method, k=scfg.hidden_size)
-    # A pruned student's unit i is teacher unit sorted(S)[i]: pair them in that order.
-    units = sorted(index.indices) if scfg.init == "prune" else list(index.indices)
+    index, units = _relevance_units(cfg, paths, scfg, teacher_hash=teacher_hash, data_fp=data_fp)
 
     collate = task.collate(tokenizer)
     train = train if train is not None else task.features(paths.prepared, "train", tokenizer)
-    # the student comes from the teacher's float32 weights (a pruned one is a slice of them), on the device
-    teacher.to(runtime.device)
-    calibration = ([runtime.to_device(collate(train[i : i + 16])) for i in range(0, min(len(train), 128), 16)]
-                   if scfg.init == "prune" else None)  # activation importance for pruning only
-    model, pruning = task.build_student(teacher, scfg, seed=cfg.project.seed if seed is None else seed,
-                                        selected_units=units, calibration=calibration)
-    del calibration
-    if model.config.vocab_size != teacher.config.vocab_size and not task.is_generation:
-        raise ConfigError(
-            f"student vocabulary ({model.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size}): "
-            "they must share the tokenizer"
-        )
-    if hidden_size(model) != scfg.hidden_size:
-        raise ConfigError(f"students.{student}: the model's hidden size {hidden_size(model)} is not hidden_size {scfg.hidden_size}")
-    model.to(runtime.device, dtype=torch.float32)
+    model, pruning = _build_student(task, teacher, student, scfg, units, train, collate, runtime,
+                                    seed=cfg.project.seed if seed is None else seed)
 
     alpha, beta = params["alpha"], params["beta"]
     objective_args = dict(
@@ -218,3 +195,49 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
         settings=settings, params=params, runtime=runtime, teacher=online, cache=cache, pruning=pruning,
         tokenizer=tokenizer, provenance=provenance,
     )
+
+
+def _check_request(cfg: FlexKDConfig, student: str, method: str, teacher_source: str) -> None:
+    """A known method, a defined student and a known teacher source, or an error naming what is not."""
+    from flexkd.config import METHODS
+
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r}: unknown; valid: {list(METHODS)}")
+    if student not in cfg.students:
+        raise ConfigError(f"student {student!r} is not defined under students ({sorted(cfg.students)})")
+    if teacher_source not in TEACHER_SOURCES:
+        raise ValueError(f"teacher_source {teacher_source!r}: one of {TEACHER_SOURCES}")
+
+
+def _relevance_units(cfg: FlexKDConfig, paths, scfg, *, teacher_hash: str, data_fp: str):
+    """The relevance index, verified against the teacher, the data, the method and the student's k, and the teacher
+    units in the order the student's units 0..k-1 pair with them."""
+    from flexkd.relevance import RelevanceIndex
+
+    index = RelevanceIndex.load(Path(paths.relevance) / "index.json")
+    index.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, method=cfg.relevance.method, k=scfg.hidden_size)
+    # A pruned student's unit i is teacher unit sorted(S)[i]: pair them in that order.
+    return index, sorted(index.indices) if scfg.init == "prune" else list(index.indices)
+
+
+def _build_student(task, teacher: nn.Module, student: str, scfg, units: list[int], train, collate, runtime: Runtime,
+                   *, seed: int) -> tuple[nn.Module, dict | None]:
+    """The student (and what pruning kept, if it was pruned), on the runtime's device in float32, checked against
+    the teacher (vocabulary) and its config (hidden size). The teacher moves to the device first."""
+    from flexkd.models import hidden_size
+
+    # the student comes from the teacher's float32 weights (a pruned one is a slice of them), on the device
+    teacher.to(runtime.device)
+    calibration = ([runtime.to_device(collate(train[i : i + 16])) for i in range(0, min(len(train), 128), 16)]
+                   if scfg.init == "prune" else None)  # activation importance for pruning only
+    model, pruning = task.build_student(teacher, scfg, seed=seed, selected_units=units, calibration=calibration)
+    del calibration
+    if model.config.vocab_size != teacher.config.vocab_size and not task.is_generation:
+        raise ConfigError(
+            f"student vocabulary ({model.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size}): "
+            "they must share the tokenizer"
+        )
+    if hidden_size(model) != scfg.hidden_size:
+        raise ConfigError(f"students.{student}: the model's hidden size {hidden_size(model)} is not hidden_size {scfg.hidden_size}")
+    model.to(runtime.device, dtype=torch.float32)
+    return model, pruning

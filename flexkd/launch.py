@@ -5,7 +5,7 @@ it is ``train_loop`` itself. With N processes the arguments (models, loss closur
 serialised with cloudpickle into a job file under ``work_dir``; ``accelerate launch`` starts N ranks of
 ``python -m flexkd.launch JOB RESULT`` (torchrun underneath: ``--multi_gpu`` is accelerate's name for it,
 and on a host without CUDA the ranks use CPU and gloo); each rank loads the job and runs ``train_loop``, which
-wraps, shards and reduces (see ``flexkd.train._Ranks``). Rank 0 logs, writes the checkpoints and the result;
+wraps, shards and reduces (see :class:`flexkd.distributed.Ranks`). Rank 0 logs, writes the checkpoints and the result;
 this process waits, then loads the kept weights into its own ``model`` (and ``extra``), so that the caller
 continues exactly as after a one-process run.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from flexkd.errors import FlexKDError
 from flexkd.provenance import atomic_write_text, recover_dir
-from flexkd.train import CHECKPOINT, Interrupted, TrainResult, TrainState, _load_weights, train_loop
+from flexkd.train import CHECKPOINT, Interrupted, TrainResult, TrainState, load_weights, train_loop
 
 
 class LaunchError(FlexKDError):
@@ -89,6 +89,17 @@ def _portable_log(log):
     return log
 
 
+# transformers internals. A model sent to the ranks needs two process-global objects of
+# transformers.utils.output_capturing (transformers 5.24.0, pinned in pyproject.toml), and no public API gives
+# either (checked: the output-capturing module exports none, and PreTrainedModel has no method that registers):
+# - ``_active_collector``: the ContextVar that the forward hooks capturing hidden states write to. A model that
+#   ran with output_hidden_states=True holds those hooks, closures over it; cloudpickle would copy it by value
+#   (a ContextVar cannot be pickled, and a copy is not the one the rank's forward sets), so it goes by reference.
+# - ``_CAN_RECORD_REGISTRY``: what each model class records (``_can_record_outputs``), filled in
+#   ``PreTrainedModel.__init__``, which unpickling does not run: unregistered, a rank's model returns no hidden
+#   states. tests/unit/test_distributed.py fails if either changes: a model pickled by dump_job must return the
+#   same hidden states in a fresh process. These two functions are the only places that touch them.
+
 def _output_collector():
     """transformers' process-global collector of hidden states (what its forward hooks write to)."""
     from transformers.utils import output_capturing
@@ -97,32 +108,27 @@ def _output_collector():
 
 
 def _restore_module(module, state: dict) -> None:
-    """Unpickle a transformers model and register its class's output recording, which transformers does in
-    ``__init__`` (not run by unpickling): without it ``output_hidden_states=True`` returns no hidden states."""
-    module.__setstate__(state)
-    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    """Unpickle a transformers model and register its class's output recording, as ``__init__`` would."""
+    from transformers.utils import output_capturing
 
-    _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+    module.__setstate__(state)
+    output_capturing._CAN_RECORD_REGISTRY[module] = module._can_record_outputs
 
 
 def dump_job(job: dict, handle) -> None:
     """cloudpickle the training arguments (closures and lambdas included), with two fixes for transformers
     models: the forward hooks that capture hidden states refer to a process-global ContextVar, which is sent by
-    reference (the rank's own), and each model re-registers its output recording when unpickled."""
+    reference (the rank's own), and each model re-registers its output recording when unpickled (see above)."""
     import cloudpickle
+    from transformers import PreTrainedModel
 
-    try:
-        from transformers import PreTrainedModel
-        from transformers.utils import output_capturing
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedModel = output_capturing = None
+    collector = _output_collector()
 
     class JobPickler(cloudpickle.Pickler):
         def reducer_override(self, obj):
-            if output_capturing is not None and obj is getattr(output_capturing, "_active_collector", None):
+            if obj is collector:
                 return _output_collector, ()
-            if (PreTrainedModel is not None and isinstance(obj, PreTrainedModel)
-                    and hasattr(output_capturing, "_CAN_RECORD_REGISTRY")):
+            if isinstance(obj, PreTrainedModel):
                 reduced = obj.__reduce_ex__(5)
                 if len(reduced) >= 3 and reduced[2] is not None:
                     return (*reduced[:2], reduced[2], None, None, _restore_module)
@@ -156,7 +162,7 @@ def _launch(**kwargs) -> TrainResult:
         raise Interrupted(outcome["interrupted"])
     # Leave model (and extra) as a one-process train_loop would: the kept weights, the last extra.
     model_dir = Path(outcome["model_dir"])
-    _load_weights(model, model_dir)
+    load_weights(model, model_dir)
     if extra is not None:
         blob = torch.load(work_dir / CHECKPOINT / "trainer_state.pt", map_location="cpu", weights_only=True)
         if blob["extra"] is not None:

@@ -147,7 +147,7 @@ def load_causal_lm(spec: str, *, trust_remote_code: bool = False):
 
 
 # Config fields that name the same thing across model families.
-_SIZE_FIELDS = {
+SIZE_FIELDS = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
     "num_heads": ("num_attention_heads", "n_head"),
@@ -160,7 +160,7 @@ def student_config(teacher_config, *, num_layers: int, hidden_size: int, num_hea
     config = teacher_config.__class__.from_dict(teacher_config.to_dict())
     wanted = {"num_layers": num_layers, "hidden_size": hidden_size, "num_heads": num_heads, "intermediate_size": intermediate_size}
     for key, value in wanted.items():
-        names = [name for name in _SIZE_FIELDS[key] if hasattr(config, name)]
+        names = [name for name in SIZE_FIELDS[key] if hasattr(config, name)]
         if not names:
             raise ConfigError(f"student.{key}: the teacher's config ({config.model_type}) has no field for it")
         setattr(config, names[0], value)
@@ -185,7 +185,7 @@ def build_student_classifier(teacher, *, num_layers: int, hidden_size: int, num_
 
 def hidden_size(model) -> int:
     config = model.config
-    for name in _SIZE_FIELDS["hidden_size"]:
+    for name in SIZE_FIELDS["hidden_size"]:
         if hasattr(config, name):
             return int(getattr(config, name))
     raise FlexKDError(f"cannot tell the hidden size of {type(model).__name__}")

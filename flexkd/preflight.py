@@ -95,9 +95,9 @@ def check_data(data: DataConfig) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- models
 def _size(config, field: str) -> int | None:
-    from flexkd.models import _SIZE_FIELDS
+    from flexkd.models import SIZE_FIELDS
 
-    for name in _SIZE_FIELDS[field]:
+    for name in SIZE_FIELDS[field]:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
@@ -153,7 +153,7 @@ def check_student(cfg: FlexKDConfig, name: str, teacher_config, teacher_spec: st
 
 
 def _check_prune(key: str, scfg: StudentConfig, teacher_config) -> None:
-    from flexkd.prune import PrunePlan, _geometry, _resolve_plan
+    from flexkd.prune import PrunePlan, geometry, resolve_plan
     from flexkd.tasks import evenly_spaced_layers
 
     def renamed(err: ConfigError) -> ConfigError:
@@ -162,28 +162,28 @@ def _check_prune(key: str, scfg: StudentConfig, teacher_config) -> None:
         return ConfigError(message if message.startswith(key) else f"{key}.init: {message}")
 
     try:
-        geometry = _geometry(SimpleNamespace(config=teacher_config))  # reads the config only
+        geo = geometry(SimpleNamespace(config=teacher_config))  # reads the config only
     except ConfigError as err:
         raise renamed(err) from None
     if scfg.prune_layers is not None:
-        bad = [layer for layer in scfg.prune_layers if not 0 <= layer < geometry.layers]
+        bad = [layer for layer in scfg.prune_layers if not 0 <= layer < geo.layers]
         if bad:
             raise ConfigError(
-                f"{key}.prune_layers: {bad} out of range; the teacher has {geometry.layers} layers "
-                f"(0..{geometry.layers - 1})"
+                f"{key}.prune_layers: {bad} out of range; the teacher has {geo.layers} layers "
+                f"(0..{geo.layers - 1})"
             )
         layers = list(scfg.prune_layers)
     else:
-        if scfg.num_layers > geometry.layers:
+        if scfg.num_layers > geo.layers:
             raise ConfigError(
-                f"{key}.num_layers: {scfg.num_layers} is more than the teacher's {geometry.layers} layers "
+                f"{key}.num_layers: {scfg.num_layers} is more than the teacher's {geo.layers} layers "
                 "(a pruned student keeps a subset of them)"
             )
-        layers = evenly_spaced_layers(geometry.layers, scfg.num_layers)
+        layers = evenly_spaced_layers(geo.layers, scfg.num_layers)
     plan = PrunePlan(hidden_units=list(range(scfg.hidden_size)), layers=layers, num_heads=scfg.num_heads,
                      intermediate_size=scfg.intermediate_size)
     try:
-        _resolve_plan(plan, geometry, teacher_config.model_type)
+        resolve_plan(plan, geo, teacher_config.model_type)
     except ConfigError as err:
         raise renamed(err) from None
 

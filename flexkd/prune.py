@@ -51,13 +51,11 @@ class PrunePlan:
     intermediate_size: int | None = None  # MLP channels per layer (None: all)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Families: geometry of the teacher and the slicing rules of its state dict
-# --------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------- Families: geometry of the teacher and the slicing rules of its state dict
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
+    """The sizes pruning works with, read from a model's config (:func:`geometry`)."""
+
     family: str  # "llama", "bert" or "gpt2"
     hidden: int
     layers: int
@@ -79,27 +77,28 @@ def _family(model) -> str:
     )
 
 
-def _geometry(model) -> _Geometry:
+def geometry(model) -> Geometry:
+    """The Geometry of ``model`` (only ``model.config`` is read); ConfigError for a family or variant not supported."""
     family = _family(model)
     c = model.config
     if family == "llama":
         heads = int(c.num_attention_heads)
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
-        return _Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, kv, head_dim, int(c.intermediate_size))
+        return Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, kv, head_dim, int(c.intermediate_size))
     if family == "bert":
         heads = int(c.num_attention_heads)
         if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise ConfigError(f"prune: BERT position_embedding_type {c.position_embedding_type!r} is not supported (absolute only)")
         if getattr(c, "is_decoder", False) or getattr(c, "add_cross_attention", False):
             raise ConfigError("prune: BERT decoders / cross-attention are not supported")
-        return _Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, heads, int(c.hidden_size) // heads, int(c.intermediate_size))
+        return Geometry(family, int(c.hidden_size), int(c.num_hidden_layers), heads, heads, int(c.hidden_size) // heads, int(c.intermediate_size))
     # gpt2
     if getattr(c, "add_cross_attention", False):
         raise ConfigError("prune: GPT-2 with cross-attention is not supported")
     heads = int(c.n_head)
     inner = int(c.n_inner) if c.n_inner is not None else 4 * int(c.n_embd)
-    return _Geometry(family, int(c.n_embd), int(c.n_layer), heads, heads, int(c.n_embd) // heads, inner)
+    return Geometry(family, int(c.n_embd), int(c.n_layer), heads, heads, int(c.n_embd) // heads, inner)
 
 
 # A rule maps a key to index specs per dimension: "S" hidden units, "Q" query-head rows, "KV" key/value-head rows,
@@ -190,11 +189,7 @@ def _layer_modules(model) -> list[torch.nn.Module]:
     return list(base.h)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Importance of heads and channels
-# --------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------------ Importance of heads and channels
 def _rows_norm2(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Squared L2 norm of each of ``groups`` equal blocks of rows."""
     w = weight.detach().float()
@@ -206,8 +201,8 @@ def head_importance_from_weights(model) -> dict[int, torch.Tensor]:
 
     For GQA, the k and v rows are those of the head's KV group (shared by the group's query heads).
     """
-    geo = _geometry(model)
-    h, g, hd, e = geo.heads, geo.kv_heads, geo.head_dim, geo.hidden
+    geo = geometry(model)
+    h, g, e = geo.heads, geo.kv_heads, geo.hidden
     rep = h // g
     out = {}
     for i, layer in enumerate(_layer_modules(model)):
@@ -232,7 +227,7 @@ def head_importance_from_weights(model) -> dict[int, torch.Tensor]:
 
 def channel_importance_from_weights(model) -> dict[int, torch.Tensor]:
     """Per teacher layer: one score per MLP channel, the L2 norm of the channel's rows (in) and column (out)."""
-    geo = _geometry(model)
+    geo = geometry(model)
     out = {}
     for i, layer in enumerate(_layer_modules(model)):
         if geo.family == "llama":
@@ -248,18 +243,16 @@ def channel_importance_from_weights(model) -> dict[int, torch.Tensor]:
     return out
 
 
+# Per family, in each layer: the module whose input is the concatenated head outputs, and the one whose input is
+# the MLP activation.
+_ATTN_OUT_AND_MLP_ACT = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "bert": ("attention.output.dense", "output.dense"),
+                         "gpt2": ("attn.c_proj", "mlp.c_proj")}
+
+
 def _attn_out_and_mlp_act_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """Per layer: (module whose input is the concatenated head outputs, module whose input is the MLP activation)."""
-    geo = _geometry(model)
-    pairs = []
-    for layer in _layer_modules(model):
-        if geo.family == "llama":
-            pairs.append((layer.self_attn.o_proj, layer.mlp.down_proj))
-        elif geo.family == "bert":
-            pairs.append((layer.attention.output.dense, layer.output.dense))
-        else:
-            pairs.append((layer.attn.c_proj, layer.mlp.c_proj))
-    return pairs
+    attn_out, mlp_act = _ATTN_OUT_AND_MLP_ACT[geometry(model).family]
+    return [(layer.get_submodule(attn_out), layer.get_submodule(mlp_act)) for layer in _layer_modules(model)]
 
 
 def activation_importance(
@@ -272,27 +265,22 @@ def activation_importance(
     dims (or the channel) and over the non-padding positions of up to ``max_batches`` batches.
     Returns (head scores, channel scores), each keyed by teacher layer index.
     """
-    geo = _geometry(model)
+    geo = geometry(model)
     if max_batches < 1:
         raise ConfigError(f"activation_importance: max_batches={max_batches} must be >= 1")
     device = next(model.parameters()).device
     n = len(_layer_modules(model))
     head_sum = [torch.zeros(geo.heads, dtype=torch.float64) for _ in range(n)]
     chan_sum = [torch.zeros(geo.intermediate, dtype=torch.float64) for _ in range(n)]
-    count = [0.0]
-    mask_box: list[torch.Tensor | None] = [None]
+    count, mask = 0.0, None  # non-padding positions seen; the current batch's
 
-    def reduce(x: torch.Tensor) -> torch.Tensor:
+    def reduce(x: torch.Tensor) -> torch.Tensor:  # |x| summed over the batch's non-padding positions
         x = x.detach().float().abs().reshape(-1, x.shape[-1])
-        mask = mask_box[0]
-        if mask is not None:
-            x = x[mask.reshape(-1)]
-        return x.sum(0).double().cpu()
+        return (x if mask is None else x[mask.reshape(-1)]).sum(0).double().cpu()
 
     def make_hooks(i: int):
         def attn_hook(module, args):
-            per_dim = reduce(args[0])
-            head_sum[i] += per_dim.reshape(geo.heads, geo.head_dim).mean(1)
+            head_sum[i] += reduce(args[0]).reshape(geo.heads, geo.head_dim).mean(1)
 
         def mlp_hook(module, args):
             chan_sum[i] += reduce(args[0])
@@ -317,27 +305,22 @@ def activation_importance(
                     raise ConfigError("activation_importance: a calibration batch has no input_ids")
                 mask = inputs.get("attention_mask")
                 mask = mask.bool() if mask is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-                mask_box[0] = mask
-                count[0] += float(mask.sum())
+                count += float(mask.sum())
                 model(**inputs)
                 seen += 1
-        if seen == 0 or count[0] == 0:
+        if seen == 0 or count == 0:
             raise ConfigError("activation_importance: no calibration batch (or no non-padding token) was given")
     finally:
         for handle in handles:
             handle.remove()
-        mask_box[0] = None
+        mask = None
         model.train(was_training)
-    heads = {i: (head_sum[i] / count[0]).float() for i in range(n)}
-    channels = {i: (chan_sum[i] / count[0]).float() for i in range(n)}
+    heads = {i: (head_sum[i] / count).float() for i in range(n)}
+    channels = {i: (chan_sum[i] / count).float() for i in range(n)}
     return heads, channels
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Plan validation and selection
-# --------------------------------------------------------------------------------------------------------------
-
-
+# --------------------------------------------------------------------------------------- Plan validation and selection
 def _int_list(value, field: str) -> list[int]:
     try:
         items = list(value)
@@ -363,7 +346,7 @@ def _check_sorted_unique(values: list[int], bound: int, field: str, what: str) -
         raise ConfigError(f"{FIELD}.{field}: must be in ascending order")
 
 
-def _valid_head_counts(geo: _Geometry, d_s: int, model_type: str) -> list[int]:
+def _valid_head_counts(geo: Geometry, d_s: int, model_type: str) -> list[int]:
     rep = geo.heads // geo.kv_heads
     valid = [h for h in range(1, geo.heads + 1) if h % geo.kv_heads == 0 or h % rep == 0]
     if model_type == "llama":  # LlamaConfig.validate_architecture insists on hidden_size % num_attention_heads == 0
@@ -371,7 +354,9 @@ def _valid_head_counts(geo: _Geometry, d_s: int, model_type: str) -> list[int]:
     return valid
 
 
-def _resolve_plan(plan: PrunePlan, geo: _Geometry, model_type: str) -> tuple[list[int], list[int], int, int]:
+def resolve_plan(plan: PrunePlan, geo: Geometry, model_type: str) -> tuple[list[int], list[int], int, int]:
+    """(hidden units, layers, heads per layer, MLP channels) of ``plan`` against the teacher's geometry, defaults
+    filled in; ConfigError naming the ``student.prune`` field that does not fit."""
     if not isinstance(plan, PrunePlan):
         raise ConfigError(f"{FIELD}: expected a PrunePlan, got {type(plan).__name__}")
     units = _int_list(plan.hidden_units, "hidden_units")
@@ -432,7 +417,7 @@ def _scores_for(importance: Mapping[int, torch.Tensor], layer: int, size: int, n
     return scores
 
 
-def _select_heads(geo: _Geometry, heads: int, scores: torch.Tensor | None) -> tuple[list[int], list[int]]:
+def _select_heads(geo: Geometry, heads: int, scores: torch.Tensor | None) -> tuple[list[int], list[int]]:
     """(kept query heads, kept KV heads), both ascending."""
     if heads == geo.heads:
         return list(range(geo.heads)), list(range(geo.kv_heads))
@@ -452,23 +437,12 @@ def _rows(blocks: list[int], size: int) -> torch.Tensor:
     return torch.tensor([b * size + j for b in blocks for j in range(size)], dtype=torch.long)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Pruning
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _student_config(teacher, geo: _Geometry, d_s: int, layers: list[int], heads: int, kv_heads: int, channels: int):
-    config = teacher.config
-    data = config.to_dict()
+# ------------------------------------------------------------------------------------------------------------- Pruning
+def _student_config(teacher, geo: Geometry, d_s: int, layers: list[int], heads: int, kv_heads: int, channels: int):
+    data = teacher.config.to_dict()
     if geo.family == "llama":
-        data.update(
-            hidden_size=d_s,
-            num_hidden_layers=len(layers),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=geo.head_dim,
-            intermediate_size=channels,
-        )
+        data.update(hidden_size=d_s, num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=kv_heads,
+                    head_dim=geo.head_dim, intermediate_size=channels)
         if isinstance(data.get("layer_types"), list) and len(data["layer_types"]) == geo.layers:
             data["layer_types"] = [data["layer_types"][i] for i in layers]
         if "max_window_layers" in data and data.get("max_window_layers") is not None:
@@ -479,16 +453,13 @@ def _student_config(teacher, geo: _Geometry, d_s: int, layers: list[int], heads:
     else:
         data.update(n_embd=d_s, n_layer=len(layers), n_head=heads, n_inner=channels)
     data["_name_or_path"] = ""
-    new = config.__class__.from_dict(data)
-    return new
+    return teacher.config.__class__.from_dict(data)
 
 
 def _build(cls, config):
-    try:  # skip random init: every parameter is overwritten by load_state_dict(strict=True)
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        return cls(config)
-    with no_init_weights():
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # skip random init: every parameter is overwritten by load_state_dict(strict=True)
         model = cls(config)
     model.tie_weights()
     return model
@@ -508,38 +479,62 @@ def prune_model(
     computed only when something is to be dropped. The selection is recorded in ``student.flexkd_prune_selection``
     (not saved with the model; ``describe`` reports it).
     """
-    geo = _geometry(teacher)
-    units, layers, heads, channels = _resolve_plan(plan, geo, teacher.config.model_type)
+    geo = geometry(teacher)
+    units, layers, heads, channels = resolve_plan(plan, geo, teacher.config.model_type)
     if heads < geo.heads and head_importance is None:
         head_importance = head_importance_from_weights(teacher)
     if channels < geo.intermediate and channel_importance is None:
         channel_importance = channel_importance_from_weights(teacher)
+    selection = _select_per_layer(geo, layers, heads, channels, head_importance, channel_importance)
+    kv_count = len(selection["kv_heads"][layers[-1]])
+    config = _student_config(teacher, geo, len(units), layers, heads, kv_count, channels)
+    sliced = _slice_state_dict(teacher, geo, units, layers, selection)
 
-    s_idx = torch.tensor(units, dtype=torch.long)
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    student = _build(teacher.__class__, config)
+    student.to(dtype=next(teacher.parameters()).dtype)
+    try:
+        student.load_state_dict(sliced, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"prune: the sliced weights do not fit {type(teacher).__name__}({config.model_type}): {err}") from err
+    student.to(next(teacher.parameters()).device)
+    student.train(teacher.training)
+    if getattr(teacher, "generation_config", None) is not None and getattr(student, "generation_config", None) is not None:
+        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
+    student.flexkd_prune_selection = {"hidden_units": units, "layers": layers, **selection}
+    return student
+
+
+def _select_per_layer(geo: Geometry, layers: list[int], heads: int, channels: int,
+                      head_importance: Mapping[int, torch.Tensor] | None,
+                      channel_importance: Mapping[int, torch.Tensor] | None) -> dict[str, dict[int, list[int]]]:
+    """Per kept teacher layer: the query heads, KV heads and MLP channels kept (all of a kind when none is dropped)."""
     selection = {"heads": {}, "kv_heads": {}, "channels": {}}
-    kv_count = None
     for layer in layers:
         h_scores = _scores_for(head_importance, layer, geo.heads, "head_importance") if heads < geo.heads else None
-        q_heads, kv_heads = _select_heads(geo, heads, h_scores)
+        selection["heads"][layer], selection["kv_heads"][layer] = _select_heads(geo, heads, h_scores)
         if channels < geo.intermediate:
-            kept_channels = _top(_scores_for(channel_importance, layer, geo.intermediate, "channel_importance"), channels)
+            kept = _top(_scores_for(channel_importance, layer, geo.intermediate, "channel_importance"), channels)
         else:
-            kept_channels = list(range(geo.intermediate))
-        kv_count = len(kv_heads)
-        q_rows = _rows(q_heads, geo.head_dim)
+            kept = list(range(geo.intermediate))
+        selection["channels"][layer] = kept
+    return selection
+
+
+def _slice_state_dict(teacher, geo: Geometry, units: list[int], layers: list[int],
+                      selection: dict[str, dict[int, list[int]]]) -> dict[str, torch.Tensor]:
+    """The teacher's state dict cut by its family's rules to the kept units, heads and channels; the kept layers
+    renumbered from 0."""
+    s_idx = torch.tensor(units, dtype=torch.long)
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in layers:
+        q_rows = _rows(selection["heads"][layer], geo.head_dim)
         per_layer[layer] = {
             "S": s_idx,
             "Q": q_rows,
-            "KV": _rows(kv_heads, geo.head_dim),
+            "KV": _rows(selection["kv_heads"][layer], geo.head_dim),
             "QKV": torch.cat([q_rows + k * geo.hidden for k in range(3)]),
-            "C": torch.tensor(kept_channels, dtype=torch.long),
+            "C": torch.tensor(selection["channels"][layer], dtype=torch.long),
         }
-        selection["heads"][layer] = q_heads
-        selection["kv_heads"][layer] = kv_heads
-        selection["channels"][layer] = kept_channels
-
-    config = _student_config(teacher, geo, len(units), layers, heads, kv_count, channels)
     new_position = {old: new for new, old in enumerate(layers)}
     layer_key = _LAYER_KEY[geo.family]
     layer_rules = [(re.compile(p + "$"), spec) for p, spec in _LAYER_RULES[geo.family].items()]
@@ -560,35 +555,18 @@ def prune_model(
             new_key = key
             index = {"S": s_idx}
         if spec is None:
-            raise ConfigError(f"prune: do not know how to slice {key!r} of {type(teacher).__name__} ({config.model_type})")
+            raise ConfigError(f"prune: do not know how to slice {key!r} of {type(teacher).__name__} ({teacher.config.model_type})")
         out = tensor.detach()
         for dim, name in enumerate(spec):
             if name is not None:
                 out = out.index_select(dim, index[name].to(out.device))
         sliced[new_key] = out.clone()
-
-    student = _build(teacher.__class__, config)
-    dtype = next(teacher.parameters()).dtype
-    student.to(dtype=dtype)
-    try:
-        student.load_state_dict(sliced, strict=True)
-    except RuntimeError as err:
-        raise ConfigError(f"prune: the sliced weights do not fit {type(teacher).__name__}({config.model_type}): {err}") from err
-    student.to(next(teacher.parameters()).device)
-    student.train(teacher.training)
-    if getattr(teacher, "generation_config", None) is not None and getattr(student, "generation_config", None) is not None:
-        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
-    student.flexkd_prune_selection = {"hidden_units": units, "layers": layers, **selection}
-    return student
+    return sliced
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------------------------------------- Reporting
 def _sizes(model) -> dict:
-    geo = _geometry(model)
+    geo = geometry(model)
     return {
         "hidden_size": geo.hidden,
         "num_layers": geo.layers,
@@ -613,7 +591,5 @@ def describe(plan: PrunePlan, teacher, student) -> dict:
         "parameter_ratio": after["parameters"] / before["parameters"] if before["parameters"] else None,
         "hidden_units": [int(i) for i in plan.hidden_units],
         "layers": [int(i) for i in layers],
-        "heads": {int(k): list(v) for k, v in selection.get("heads", {}).items()},
-        "kv_heads": {int(k): list(v) for k, v in selection.get("kv_heads", {}).items()},
-        "channels": {int(k): list(v) for k, v in selection.get("channels", {}).items()},
+        **{kind: {int(k): list(v) for k, v in selection.get(kind, {}).items()} for kind in ("heads", "kv_heads", "channels")},
     }

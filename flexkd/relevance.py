@@ -108,49 +108,10 @@ def score_units(
                 batch_size = max_examples - n_taken
             n_taken += batch_size
             inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch and batch[k] is not None}
-            labels = batch["labels"].to(device)
-
-            with torch.enable_grad():
-                outputs = model(**inputs, output_hidden_states=True)
-                hidden = outputs.hidden_states[-1]
-                logits = outputs.logits.float()
-                if task == "classification":
-                    if logits.dim() != 2:
-                        raise ConfigError(
-                            f"relevance task 'classification' expects (B, C) logits, got {tuple(logits.shape)}"
-                        )
-                    loss = F.cross_entropy(logits, labels.long(), reduction="sum")
-                    positions = inputs.get("attention_mask")
-                    if positions is None:
-                        positions = torch.ones(hidden.shape[:2], device=device)
-                    positions = positions.bool()
-                else:
-                    if logits.dim() != 3:
-                        raise ConfigError(
-                            f"relevance task 'causal_lm' expects (B, T, V) logits, got {tuple(logits.shape)}"
-                        )
-                    targets = labels[:, 1:].long()
-                    token_nll = F.cross_entropy(
-                        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-                    )  # (B, T-1)
-                    n_response = (targets != IGNORE_INDEX).sum(dim=1)
-                    loss = (token_nll.sum(dim=1) / n_response.clamp(min=1)).sum()
-                    positions = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device)
-                    positions[:, :-1] = targets != IGNORE_INDEX
-                if not hidden.requires_grad:
-                    raise FlexKDError(
-                        f"relevance: {LAYER} of {type(model).__name__} does not require grad; cannot score units"
-                    )
-                try:
-                    (grad,) = torch.autograd.grad(loss, hidden)
-                except RuntimeError as error:
-                    raise FlexKDError(
-                        f"relevance: {LAYER} of {type(model).__name__} is not in the autograd graph of its logits "
-                        f"({error}); this model needs a hook on the module that feeds its head"
-                    ) from error
+            grad, hidden, positions = _hidden_gradient(model, inputs, batch["labels"].to(device), task, device)
 
             with torch.no_grad():
-                g = _unit_importance(grad.double(), hidden.detach().double(), method)  # (B, T, d)
+                g = _unit_importance(grad.double(), hidden.double(), method)  # (B, T, d)
                 weights = positions.double()
                 counts = weights.sum(dim=1)  # (B,)
                 keep = counts > 0
@@ -168,6 +129,50 @@ def score_units(
     if n_scored == 0 or total is None:
         raise ConfigError("relevance: no example with a scored position in the scoring set")
     return (total / n_scored).float().cpu(), n_scored
+
+
+def _hidden_gradient(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, task: str,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dL/dH for one batch (L: the sum of the per-example losses, so row i is example i's own gradient), H
+    (detached) and the positions scored (bool, (B, T))."""
+    with torch.enable_grad():
+        outputs = model(**inputs, output_hidden_states=True)
+        hidden = outputs.hidden_states[-1]
+        loss, positions = _loss_and_positions(outputs.logits.float(), labels, inputs, hidden.shape[:2], task, device)
+        if not hidden.requires_grad:
+            raise FlexKDError(f"relevance: {LAYER} of {type(model).__name__} does not require grad; cannot score units")
+        try:
+            (grad,) = torch.autograd.grad(loss, hidden)
+        except RuntimeError as error:
+            raise FlexKDError(
+                f"relevance: {LAYER} of {type(model).__name__} is not in the autograd graph of its logits "
+                f"({error}); this model needs a hook on the module that feeds its head"
+            ) from error
+    return grad, hidden.detach(), positions
+
+
+def _loss_and_positions(logits: torch.Tensor, labels: torch.Tensor, inputs: dict, shape: torch.Size, task: str,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed per-example loss of a batch and its scored positions (see :func:`score_units`)."""
+    if task == "classification":
+        if logits.dim() != 2:
+            raise ConfigError(f"relevance task 'classification' expects (B, C) logits, got {tuple(logits.shape)}")
+        loss = F.cross_entropy(logits, labels.long(), reduction="sum")
+        positions = inputs.get("attention_mask")
+        if positions is None:
+            positions = torch.ones(shape, device=device)
+        return loss, positions.bool()
+    if logits.dim() != 3:
+        raise ConfigError(f"relevance task 'causal_lm' expects (B, T, V) logits, got {tuple(logits.shape)}")
+    targets = labels[:, 1:].long()
+    token_nll = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1)
+    n_response = (targets != IGNORE_INDEX).sum(dim=1)
+    loss = (token_nll.sum(dim=1) / n_response.clamp(min=1)).sum()
+    positions = torch.zeros(shape, dtype=torch.bool, device=device)
+    positions[:, :-1] = targets != IGNORE_INDEX
+    return loss, positions
 
 
 # --------------------------------------------------------------------------------------------------------------

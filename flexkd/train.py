@@ -10,11 +10,13 @@ Checkpoints are written to a temp directory and renamed into place, and carry a 
 half-written or corrupted checkpoint is never picked up.
 
 Several processes (``TrainConfig.num_processes`` > 1, started by ``flexkd.launch`` under ``accelerate launch``):
-every rank runs this same loop over the same data order; each takes its contiguous share of the global batch,
-the model is wrapped in DDP (or sharded with FSDP2), gradients are averaged, and only rank 0 logs, evaluates
-(every rank with FSDP, which needs them all) and writes checkpoints while the others wait. The checkpoint is the
-same as with one process (the unwrapped model, the full optimizer state), so a run resumes under any process
-count. What differs from one process is described in :class:`_Ranks`.
+every rank runs this same loop over the same data order. The loop talks to its processes through a small
+interface: :class:`OneProcess` with one process (each method the plain step, or nothing), and
+:class:`flexkd.distributed.Ranks` under ``accelerate launch``: each rank takes its contiguous share of the
+global batch, the model is wrapped in DDP (or sharded with FSDP2), gradients are averaged, and only rank 0 logs,
+evaluates (every rank with FSDP, which needs them all) and writes checkpoints while the others wait. The
+checkpoint is the same as with one process (the unwrapped model, the full optimizer state), so a run resumes
+under any process count.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +38,9 @@ from flexkd.config import TrainConfig
 from flexkd.errors import ConfigError, ProvenanceError
 from flexkd.provenance import atomic_dir, file_manifest, recover_dir
 from flexkd.runtime import Runtime, batches, row_lengths
+
+if TYPE_CHECKING:
+    from flexkd.distributed import Ranks
 
 # loss_fn(model, batch) -> (loss, {term: value}); ``model`` is the module to call: the plain model with one
 # process, its DDP / FSDP-wrapped form with several.
@@ -72,14 +77,17 @@ class Interrupted(Exception):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's (every device) and numpy's global generators.
+
+    Not ``transformers.set_seed``: for seeds below 2**32 it sets the very same states (test_train.py checks it),
+    but ``project.seed`` has no upper bound and numpy refuses seeds of 2**32 and more, which ``set_seed``
+    passes on as they are; here numpy gets the seed modulo 2**32.
+    """
+    import numpy as np
+
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def set_threads() -> None:
@@ -88,7 +96,8 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict]:
+def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups: weight decay on matrices, none on biases and norms (and frozen left out)."""
     decay, no_decay = [], []
     for module in modules:
         for name, param in module.named_parameters():
@@ -99,6 +108,13 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
 
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor of each step: a linear warmup to 1 over the first ``warmup_ratio`` of the steps,
+    then a linear decay to 0 at ``total_steps``.
+
+    Not transformers' ``get_linear_schedule_with_warmup``: its warmup starts at factor 0 (step s gets s / warmup,
+    so the first step does not move the weights), this one at 1 / warmup ((s + 1) / warmup), so that every step
+    trains. After the warmup the two are the same. test_train.py shows the difference.
+    """
     warmup = int(round(total_steps * warmup_ratio))
 
     def factor(step: int) -> float:
@@ -162,7 +178,8 @@ def load_training_checkpoint(directory: Path, *, fingerprint: str) -> tuple[dict
     return blob, TrainState(**meta)
 
 
-def _load_weights(model, directory: Path) -> None:
+def load_weights(model, directory: Path) -> None:
+    """Load the safetensors weights of a ``save_pretrained`` directory into ``model`` (all of them, strictly)."""
     from safetensors.torch import load_file
 
     state = {}
@@ -176,201 +193,176 @@ def _load_weights(model, directory: Path) -> None:
         raise ProvenanceError(f"{directory}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-class _Ranks:
-    """This process as one rank of several (``accelerate launch``): what the loop does differently.
+class OneProcess:
+    """The loop's processes when there is one: each method is the plain one-process step, or nothing.
 
-    - The process group comes from accelerate's ``PartialState`` (gloo on CPU, NCCL when ``runtime.device`` is
-      CUDA: one GPU per process, rank r on cuda:<local rank>).
-    - ``batch_size`` is the global batch: rank r takes the r-th contiguous share of it (sizes differ by at most
-      one) and scales its loss by ``share * world / batch`` so that the averaged gradient is the global batch's
-      mean gradient. A rank whose share is empty (a last batch smaller than the world) runs one stand-in row
-      with weight 0, so that every rank takes part in every gradient all-reduce. Exact for losses that are
-      means over examples; terms averaged over tokens or computed over the whole batch (response NLL with
-      unequal response lengths, feature terms with unequal lengths, CKA) are per-share values, as in any
-      data-parallel run.
-    - The model is wrapped in DDP, or sharded with FSDP2 (``fully_shard`` on each transformer block named in
-      ``_no_split_modules``, then the root). ``extra`` (the objective's projector) stays whole on every rank
-      and its gradients are averaged with one all-reduce. The global gradient norm is clipped.
-    - Logged terms are the global batch's (weighted mean over ranks). Dropout draws are per rank, so with
-      dropout a run matches the one-process run in distribution, not in value.
-    - Checkpoints hold the unwrapped model (FSDP: gathered to rank 0) and the optimizer state in the
-      one-process layout; the RNG state saved is rank 0's and every rank restores it.
-
-    Why accelerate's ``PartialState`` (process group, device, barrier) and ``accelerate launch``, and not the
-    whole ``Accelerator`` (prepare / backward / clip / save_state), measured against what this loop guarantees:
-
-    - Exact resume across process counts. ``Accelerator.save_state`` writes one RNG file per rank and the
-      optimizer and sampler state of *this* world size; a run checkpointed with 2 processes cannot resume with 1
-      or 4 to the same weights. Here the batch plan is a pure function of (seed, epoch, lengths)
-      (:func:`flexkd.runtime.batches`), the checkpoint is in the one-process layout, and
-      tests/unit/test_distributed.py resumes a 2-rank run in 1 process (and the reverse) to identical weights.
-    - The global batch is the unit: ``batch_size`` means the same optimisation at any process count, split
-      into per-rank shares with loss weights (unequal last batches included). ``prepare(dataloader)`` splits
-      per-process batches and pads or drops the uneven end (``even_batches``), which changes the examples seen.
-    - Length-grouped batches are planned globally, before sharding; accelerate's samplers shard first.
-    - Precision: :class:`flexkd.runtime.Runtime` gives autocast, the fp16 grad scaler and the frozen teacher's
-      dtype in one place for the one-process loop, the multi-process loop, relevance scoring, the teacher cache
-      and evaluation; ``Accelerator(mixed_precision=...)`` covers only what is ``prepare``-d (not the frozen
-      teacher in the loss closure, nor the stages that do not train), so the launcher passes
-      ``--mixed_precision no`` and the runtime decides.
-    - What Accelerator would add (DeepSpeed, TPU, gradient accumulation) no profile uses; FSDP2 is
-      ``fully_shard`` here directly.
+    :class:`flexkd.distributed.Ranks` has the same methods for one rank of several; the loop calls them and never
+    asks which of the two it has.
     """
 
-    def __init__(self, settings: TrainConfig, model: nn.Module, runtime: Runtime):
-        from accelerate import PartialState
+    is_main = True  # this process logs, shows progress and writes the files
 
-        on_cuda = runtime.device.type == "cuda"
-        self.state = PartialState(cpu=not on_cuda)
-        self.world, self.rank = self.state.num_processes, self.state.process_index
-        self.is_main = self.state.is_main_process
-        self.device = torch.device("cuda", self.state.local_process_index) if on_cuda else torch.device("cpu")
-        self.fsdp = settings.distributed == "fsdp"
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
-    @staticmethod
-    def start(settings: TrainConfig, model: nn.Module, runtime: Runtime) -> "_Ranks | None":
-        """None with one process; the rank's state under ``accelerate launch`` with num_processes ranks."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1 and settings.num_processes == 1:
-            return None
-        if world != settings.num_processes:
-            raise ConfigError(
-                f"num_processes is {settings.num_processes} but this process is one of {world}: start multi-process "
-                "training with flexkd.launch.run_training (it runs accelerate launch with num_processes ranks)"
-            )
-        return _Ranks(settings, model, runtime)
+    def recover(self, checkpoint_dir: Path) -> None:
+        """Killed between atomic_dir's two renames: put the previous (complete) checkpoint back."""
+        recover_dir(checkpoint_dir)
 
-    def wrap(self, model: nn.Module, extra: nn.Module | None) -> nn.Module:
-        """Move to this rank's device; return the module that the loss calls (DDP, or the FSDP-sharded model)."""
-        model.to(self.device)
+    def prepare(self, model: nn.Module, extra: nn.Module | None) -> nn.Module:
+        """Put the model (compiled when asked) and ``extra`` on the device; return the module the loss calls."""
+        module = self.runtime.student(model)
         if extra is not None:
-            extra.to(self.device)
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            extra.to(self.runtime.device)
+        return module
 
-            blocks = set(getattr(model, "_no_split_modules", None) or ())
-            for module in [m for m in model.modules() if m is not model and type(m).__name__ in blocks]:
-                fully_shard(module)
-            fully_shard(model)
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+    def share(self, indices: list[int]) -> tuple[list[int], float]:
+        """This process's rows of the batch and the weight of its loss: all of them, 1."""
+        return indices, 1.0
 
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def shard(self, indices: list[int]) -> tuple[list[int], float]:
-        """This rank's share of the global batch and its loss weight (share * world / batch)."""
-        base, rest = divmod(len(indices), self.world)
-        size = base + (1 if self.rank < rest else 0)
-        start = self.rank * base + min(self.rank, rest)
-        if size == 0:
-            return indices[:1], 0.0
-        return indices[start : start + size], size * self.world / len(indices)
-
-    def average_extra_grads(self, extra: nn.Module | None) -> None:
-        """DDP / FSDP average the model's gradients; ``extra`` is outside them: one all-reduce of its gradients.
-        Parameters without a gradient (unused by the objective, alike on every rank) are left out."""
-        import torch.distributed as dist
-
-        params = [p for p in extra.parameters() if p.grad is not None] if extra is not None else []
-        if not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+    def average_gradients(self, extra: nn.Module | None) -> None:
+        """Nothing to average."""
 
     def clip_grad_norm(self, modules: Sequence[nn.Module], max_norm: float) -> torch.Tensor:
-        """Clip on the global gradient norm (DDP: every rank holds the averaged gradients; FSDP: the sharded
-        ones are DTensors, reduced across ranks; the same coefficient as ``clip_grad_norm_``)."""
-        params = [p for m in modules for p in m.parameters()]
-        if not self.fsdp:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        from torch.distributed.tensor import DTensor
+        return torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], max_norm)
 
-        grads = [p.grad for p in params if p.grad is not None]
-        norms = []
-        for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
-            if group:
-                norm = torch.nn.utils.get_total_norm(group)
-                norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).to(self.device))
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
-        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        for g in grads:
-            g.mul_(coef)
-        return total
-
-    def mean_terms(self, loss: torch.Tensor, terms: dict, weight: float) -> tuple[torch.Tensor, dict]:
-        """The global batch's loss and terms: the weighted mean over ranks (the same on every rank)."""
-        import torch.distributed as dist
-
-        keys = list(terms)
-        values = torch.stack([loss.detach().float()] + [torch.as_tensor(terms[k]).detach().float().to(loss.device) for k in keys])
-        values = values * weight
-        dist.all_reduce(values)
-        values /= self.world
-        return values[0], dict(zip(keys, values[1:]))
+    def reduce(self, loss: torch.Tensor, terms: dict, weight: float) -> tuple[torch.Tensor, dict]:
+        """The batch's loss and terms: this process's own."""
+        return loss, terms
 
     def evaluate(self, evaluate: EvalFn, model: nn.Module) -> dict[str, float]:
-        """Rank 0 evaluates the unwrapped model (FSDP: every rank, since its forward gathers the shards);
-        every rank gets rank 0's metrics."""
-        import torch.distributed as dist
+        model.eval()
+        metrics = evaluate(model)
+        model.train()
+        return metrics
 
-        metrics = None
-        if self.fsdp or self.is_main:
-            model.eval()
-            metrics = evaluate(model)
-            model.train()
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def gather_model_state(self, model: nn.Module) -> None:
+        """None: the model's own state is whole."""
 
-    def model_state(self, model: nn.Module) -> dict | None:
-        """FSDP: the full state dict, gathered to rank 0 (on CPU; empty elsewhere). DDP: None (the model's own)."""
-        if not self.fsdp:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def optimizer_state(self, optimizer) -> dict | None:
-        """FSDP: the optimizer state in the one-process layout (sharded tensors gathered), on rank 0. DDP: None."""
-        if not self.fsdp:
-            return None
-        from torch.distributed.tensor import DTensor
-
-        saved = optimizer.state_dict()
-        state = {}
-        for index, values in saved["state"].items():
-            state[index] = {}
-            for key, value in values.items():
-                if isinstance(value, DTensor):
-                    full = value.full_tensor()  # a collective: every rank, same order
-                    value = full.cpu() if self.is_main else None
-                state[index][key] = value
-        return {"state": state, "param_groups": saved["param_groups"]} if self.is_main else None
+    def gather_optimizer_state(self, optimizer) -> None:
+        """None: the optimizer's own state is whole."""
 
     def load_optimizer(self, optimizer, saved: dict) -> None:
-        """Load a one-process-layout optimizer state (whatever process count wrote it)."""
-        if self.fsdp:
-            from torch.distributed.tensor import DTensor, distribute_tensor
-
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            state = {}
-            for index, values in saved["state"].items():
-                param = params[int(index)]
-                state[index] = {
-                    key: distribute_tensor(value.to(self.device), param.device_mesh, param.placements, src_data_rank=None)
-                    if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape else value
-                    for key, value in values.items()
-                }
-            saved = {"state": state, "param_groups": saved["param_groups"]}
         optimizer.load_state_dict(saved)
 
     def barrier(self) -> None:
-        self.state.wait_for_everyone()
+        """No one to wait for."""
+
+    def keep_weights(self, model: nn.Module, directory: Path) -> None:
+        """Leave ``model`` with the weights in ``directory`` (the best on validation)."""
+        load_weights(model, directory)
+
+
+def _processes(settings: TrainConfig, runtime: Runtime) -> OneProcess | Ranks:
+    """One process, or this rank of ``num_processes`` under ``accelerate launch``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and settings.num_processes == 1:
+        return OneProcess(runtime)
+    if world != settings.num_processes:
+        raise ConfigError(
+            f"num_processes is {settings.num_processes} but this process is one of {world}: start multi-process "
+            "training with flexkd.launch.run_training (it runs accelerate launch with num_processes ranks)"
+        )
+    from flexkd.distributed import Ranks
+
+    return Ranks(settings, runtime)
+
+
+@dataclass
+class _Run:
+    """What one training run moves: set up by :func:`_start`, driven step by step by :func:`train_loop`."""
+
+    processes: OneProcess | Ranks
+    model: nn.Module
+    extra: nn.Module | None
+    module: nn.Module  # what the loss calls: the model, or its DDP / FSDP form
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    resumed_from: int | None
+    checkpoint_dir: Path
+
+    def step(self, loss_fn: LossFn, batch: dict, weight: float, runtime: Runtime, grad_clip: float):
+        """One optimizer step on ``batch`` (this process's share of the global batch, whose loss counts ``weight``):
+        the loss and its terms (the global batch's) and the gradient norm before clipping. Its time is counted
+        in ``state.train_seconds``."""
+        began = time.perf_counter()
+        with runtime.autocast():
+            loss, terms = loss_fn(self.module, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * weight).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
+        self.processes.average_gradients(self.extra)
+        modules = [self.model] + ([self.extra] if self.extra is not None else [])
+        grad_norm = self.processes.clip_grad_norm(modules, grad_clip)
+        self.scaler.step(self.optimizer)  # fp16: skipped when the gradients overflowed, and the scale lowered
+        self.scaler.update()
+        self.scheduler.step()
+        loss, terms = self.processes.reduce(loss, terms, weight)
+        self.state.train_seconds += time.perf_counter() - began
+        return loss, terms, grad_norm
+
+    def save_model(self, directory: Path) -> None:
+        """Write the weights (every process gathers them, the main one writes, the others wait)."""
+        full = self.processes.gather_model_state(self.model)
+        if self.processes.is_main:
+            atomic_dir(directory, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True, state_dict=full))
+        self.processes.barrier()
+
+    def save_checkpoint(self, fingerprint: str) -> None:
+        """Write a resumable checkpoint (every process gathers, the main one writes, the others wait)."""
+        model_state = self.processes.gather_model_state(self.model)
+        optimizer_state = self.processes.gather_optimizer_state(self.optimizer)
+        if self.processes.is_main:
+            save_training_checkpoint(
+                self.checkpoint_dir, model=self.model, extra=self.extra, optimizer=self.optimizer, scheduler=self.scheduler,
+                state=self.state, fingerprint=fingerprint, model_state=model_state, optimizer_state=optimizer_state,
+                scaler=self.scaler,
+            )
+        self.processes.barrier()
+
+    def evaluate(self, evaluate: EvalFn, log: LogFn | None, select_metric: str | None, best_dir: Path) -> None:
+        """Evaluate now, log it, and keep the weights in ``best_dir`` when ``select_metric`` is a new best."""
+        metrics = self.processes.evaluate(evaluate, self.model)
+        state = self.state
+        state.evals.append({"step": state.step, **metrics})
+        if log and self.processes.is_main:
+            log({f"validation/{k}": v for k, v in metrics.items()}, state.step)
+        if select_metric is not None and (state.best_score is None or metrics[select_metric] > state.best_score):
+            state.best_score, state.best_step = metrics[select_metric], state.step
+            self.save_model(best_dir)
+
+
+def _start(processes: OneProcess | Ranks, model: nn.Module, extra: nn.Module | None, *, settings: TrainConfig,
+           runtime: Runtime, seed: int, total_steps: int, checkpoint_dir: Path, fingerprint: str) -> _Run:
+    """Seed, resume the weights from the checkpoint if there is one (before the model is placed and wrapped),
+    then build the optimizer and schedule and resume their state and the RNG state too."""
+    seed_everything(seed)
+    processes.recover(checkpoint_dir)
+    blob, state = None, TrainState()
+    if checkpoint_dir.exists():
+        blob, state = load_training_checkpoint(checkpoint_dir, fingerprint=fingerprint)
+        load_weights(model, checkpoint_dir / "model")
+        if extra is not None and blob["extra"] is not None:
+            extra.load_state_dict(blob["extra"])
+    module = processes.prepare(model, extra)
+    modules = [model] + ([extra] if extra is not None else [])
+    optimizer = runtime.optimizer(param_groups(modules, settings.weight_decay), lr=settings.lr)
+    scaler = runtime.grad_scaler()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, settings.warmup_ratio))
+    if blob is not None:
+        kernel = {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
+        processes.load_optimizer(optimizer, blob["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry the writer's kernel; keep this run's
+            group.update(kernel)
+        scheduler.load_state_dict(blob["scheduler"])
+        if blob.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["torch_rng"])
+        random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_gauss"]))
+    return _Run(processes, model, extra, module, optimizer, scheduler, scaler, state,
+                resumed_from=state.step if blob is not None else None, checkpoint_dir=checkpoint_dir)
 
 
 def train_loop(
@@ -395,179 +387,83 @@ def train_loop(
     """Train ``model`` (and ``extra``, e.g. a projector) on ``train_data``; resume from ``work_dir`` if possible.
 
     ``fingerprint`` identifies the run's inputs (config, data, teacher); a checkpoint with another one is refused.
-    ``loss_fn`` is called as ``loss_fn(module, batch)`` with the module to run (the wrapped one under several
-    processes). Under ``accelerate launch`` every rank calls this with the same arguments (see :class:`_Ranks`);
-    then ``model`` is left as trained on each rank and the caller loads ``model_dir`` (``flexkd.launch`` does).
-
-    ``runtime`` (default: CPU, float32, batches in permutation order) puts the model, ``extra`` and each batch on
-    its device, runs ``loss_fn`` under its autocast (float32 master weights; fp16 scales the loss), picks its
-    optimizer (fused AdamW) and groups rows by length when asked. The model is left on that device.
+    ``loss_fn(module, batch)`` runs ``module`` (the wrapped model under several processes). Under ``accelerate
+    launch`` every rank calls this with the same arguments; ``model`` is then left as trained on each rank and
+    the caller loads ``model_dir`` (``flexkd.launch`` does). ``runtime`` (default: CPU, float32) places the model,
+    ``extra`` and each batch, runs ``loss_fn`` under its autocast (float32 master weights; fp16 scales the loss),
+    picks the optimizer and groups rows by length when asked. The model is left on its device.
     """
-    work_dir = Path(work_dir)
-    runtime = runtime or Runtime()
-    ranks = _Ranks.start(settings, model, runtime)
-    is_main = ranks is None or ranks.is_main
-    modules = [model] + ([extra] if extra is not None else [])
+    work_dir, runtime = Path(work_dir), runtime or Runtime()
+    processes = _processes(settings, runtime)
     n = len(train_data)
     if n == 0:
         raise ValueError("train_data is empty")
     steps_per_epoch = math.ceil(n / settings.batch_size)
     lengths = row_lengths(train_data) if runtime.group_by_length else None
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    run = _start(processes, model, extra, settings=settings, runtime=runtime, seed=seed, total_steps=total_steps,
+                 checkpoint_dir=work_dir / CHECKPOINT, fingerprint=fingerprint)
+    state = run.state
 
-    seed_everything(seed)
-    state = TrainState()
-    resumed_from = None
-    blob = None
-    checkpoint_dir = work_dir / CHECKPOINT
-    if ranks is None:  # under several processes flexkd.launch.run_training did it before starting the ranks
-        recover_dir(checkpoint_dir)  # killed between atomic_dir's two renames: the previous checkpoint is complete
-    if checkpoint_dir.exists():  # weights first: under several processes they are loaded before wrapping
-        blob, state = load_training_checkpoint(checkpoint_dir, fingerprint=fingerprint)
-        _load_weights(model, checkpoint_dir / "model")
-        if extra is not None and blob["extra"] is not None:
-            extra.load_state_dict(blob["extra"])
-        resumed_from = state.step
-    if ranks is None:
-        train_module = runtime.student(model)  # on the device; compiled when asked
-        if extra is not None:
-            extra.to(runtime.device)
-    else:
-        if runtime.gradient_checkpointing or runtime.compile:
-            runtime.student(model)  # what it turns on; the rank moves and wraps the model itself
-        train_module = ranks.wrap(model, extra)
-    optimizer = runtime.optimizer(_param_groups(modules, settings.weight_decay), lr=settings.lr)
-    scaler = runtime.grad_scaler()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, settings.warmup_ratio))
-    if blob is not None:
-        kernel = {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
-        if ranks is None:
-            optimizer.load_state_dict(blob["optimizer"])
-        else:
-            ranks.load_optimizer(optimizer, blob["optimizer"])
-        for group in optimizer.param_groups:  # the saved groups carry the writer's kernel; keep this run's
-            group.update(kernel)
-        scheduler.load_state_dict(blob["scheduler"])
-        if blob.get("scaler") is not None and scaler.is_enabled():
-            scaler.load_state_dict(blob["scaler"])
-        torch.set_rng_state(blob["torch_rng"])
-        random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_gauss"]))
-
-    def save_model(directory: Path) -> None:
-        if ranks is None:
-            atomic_dir(directory, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
-            return
-        full = ranks.model_state(model)
-        if ranks.is_main:
-            atomic_dir(directory, lambda tmp: model.save_pretrained(tmp, safe_serialization=True, state_dict=full))
-        ranks.barrier()
-
-    def save_checkpoint() -> None:
-        if ranks is None:
-            save_training_checkpoint(
-                checkpoint_dir, model=model, extra=extra, optimizer=optimizer, scheduler=scheduler, state=state,
-                fingerprint=fingerprint, scaler=scaler,
-            )
-            return
-        model_state, optimizer_state = ranks.model_state(model), ranks.optimizer_state(optimizer)
-        if ranks.is_main:
-            save_training_checkpoint(
-                checkpoint_dir, model=model, extra=extra, optimizer=optimizer, scheduler=scheduler, state=state,
-                fingerprint=fingerprint, model_state=model_state, optimizer_state=optimizer_state, scaler=scaler,
-            )
-        ranks.barrier()
-
-    def run_eval() -> None:
-        if evaluate is None:
-            return
-        if ranks is None:
-            model.eval()
-            metrics = evaluate(model)
-            model.train()
-        else:
-            metrics = ranks.evaluate(evaluate, model)
-        state.evals.append({"step": state.step, **metrics})
-        if log and is_main:
-            log({f"validation/{k}": v for k, v in metrics.items()}, state.step)
-        if select_metric is not None:
-            score = metrics[select_metric]
-            if state.best_score is None or score > state.best_score:
-                state.best_score, state.best_step = score, state.step
-                save_model(work_dir / BEST)
-
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0)
-
-    train_module.train()
+    run.module.train()
     order = batches(n, settings.batch_size, seed, state.epoch, lengths)
-    while state.step < total_steps and not state.stopped_early:
-        if state.batch_in_epoch >= steps_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            order = batches(n, settings.batch_size, seed, state.epoch, lengths)
-        indices, weight = order[state.batch_in_epoch], 1.0
-        if ranks is not None:
-            indices, weight = ranks.shard(indices)
-        batch = runtime.to_device(collate([train_data[i] for i in indices]))
+    with _progress_bar(total_steps, state.step, desc, enabled=progress and processes.is_main) as bar:
+        while state.step < total_steps and not state.stopped_early:
+            if state.batch_in_epoch >= steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                order = batches(n, settings.batch_size, seed, state.epoch, lengths)
+            indices, weight = processes.share(order[state.batch_in_epoch])
+            batch = runtime.to_device(collate([train_data[i] for i in indices]))
 
-        began = time.perf_counter()
-        with runtime.autocast():
-            loss, terms = loss_fn(train_module, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss if ranks is None else loss * weight).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
-        if ranks is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], settings.grad_clip)
-        else:
-            ranks.average_extra_grads(extra)
-            grad_norm = ranks.clip_grad_norm(modules, settings.grad_clip)
-        scaler.step(optimizer)  # fp16: skipped when the gradients overflowed, and the scale lowered
-        scaler.update()
-        scheduler.step()
-        if ranks is not None:
-            loss, terms = ranks.mean_terms(loss, terms, weight)
-        state.train_seconds += time.perf_counter() - began
-        state.step += 1
-        state.batch_in_epoch += 1
+            loss, terms, grad_norm = run.step(loss_fn, batch, weight, runtime, settings.grad_clip)
+            state.step += 1
+            state.batch_in_epoch += 1
 
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {state.step}; lower the learning rate")
-        if log and is_main and (state.step % settings.log_every == 0 or state.step == total_steps):
-            metrics = {f"train/{k}": float(v) for k, v in terms.items()}
-            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), "train/epoch": state.epoch})
-            log(metrics, state.step)
-        if bar is not None:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {state.step}; lower the learning rate")
+            if log and processes.is_main and (state.step % settings.log_every == 0 or state.step == total_steps):
+                log({**{f"train/{k}": float(v) for k, v in terms.items()}, "train/lr": run.scheduler.get_last_lr()[0],
+                     "train/grad_norm": float(grad_norm), "train/epoch": state.epoch}, state.step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if not bar.disable:  # reading the loss waits for the device: only to show it
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
-        end_of_epoch = state.batch_in_epoch >= steps_per_epoch
-        due = (state.step % settings.eval_every == 0) if settings.eval_every else end_of_epoch
-        if due or state.step == total_steps:
-            if not (state.evals and state.evals[-1]["step"] == state.step):
-                run_eval()
-        if _budget_spent(settings, state):
-            if not (state.evals and state.evals[-1]["step"] == state.step):
-                run_eval()  # the budget is spent: the last weights get their evaluation before the stop
-        if state.evals and state.evals[-1]["step"] == state.step:
-            state.stopped_early = early_stop_reason(settings, state, select_metric)
-        if state.stopped_early or state.step % settings.checkpoint_every == 0 or state.step == total_steps:
-            save_checkpoint()
-        if state.stopped_early:
-            print(f"{desc}: stopped at step {state.step} of {total_steps}: {state.stopped_early}")
-            break
-        if stop_after is not None and state.step >= stop_after and state.step < total_steps:
-            if bar is not None:
-                bar.close()
-            raise Interrupted(f"stopped after step {state.step} as asked")
+            if evaluate is not None and _evaluation_due(settings, state, steps_per_epoch, total_steps):
+                run.evaluate(evaluate, log, select_metric, work_dir / BEST)
+            if _evaluated_now(state):
+                state.stopped_early = early_stop_reason(settings, state, select_metric)
+            if state.stopped_early or state.step % settings.checkpoint_every == 0 or state.step == total_steps:
+                run.save_checkpoint(fingerprint)
+            if state.stopped_early:
+                print(f"{desc}: stopped at step {state.step} of {total_steps}: {state.stopped_early}")
+                break
+            if stop_after is not None and state.step >= stop_after and state.step < total_steps:
+                raise Interrupted(f"stopped after step {state.step} as asked")
 
-    if bar is not None:
-        bar.close()
-    keep = work_dir / BEST if (select_metric and settings.keep_best and (work_dir / BEST).exists()) else checkpoint_dir / "model"
-    if keep != checkpoint_dir / "model" and ranks is None:
-        _load_weights(model, keep)
-    return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=resumed_from)
+    last = run.checkpoint_dir / "model"
+    keep = work_dir / BEST if (select_metric and settings.keep_best and (work_dir / BEST).exists()) else last
+    if keep != last:
+        processes.keep_weights(model, keep)
+    return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=run.resumed_from)
+
+
+def _progress_bar(total_steps: int, initial: int, desc: str, *, enabled: bool):
+    """A progress bar of the steps (a silent one when not ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0, disable=not enabled)
+
+
+def _evaluated_now(state: TrainState) -> bool:
+    return bool(state.evals) and state.evals[-1]["step"] == state.step
+
+
+def _evaluation_due(settings: TrainConfig, state: TrainState, steps_per_epoch: int, total_steps: int) -> bool:
+    """Every ``eval_every`` steps (0: at the end of each epoch), at the last step, and when the time budget is spent
+    (the last weights get their evaluation before the stop); never twice at one step."""
+    end_of_epoch = state.batch_in_epoch >= steps_per_epoch
+    due = (state.step % settings.eval_every == 0) if settings.eval_every else end_of_epoch
+    return (due or state.step == total_steps or _budget_spent(settings, state)) and not _evaluated_now(state)
 
 
 def _budget_spent(settings: TrainConfig, state: TrainState) -> bool:

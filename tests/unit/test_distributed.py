@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from flexkd.config import TrainConfig, parse_config
 from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ConfigError
-from flexkd.launch import launch_command, launch_env, run_training
+from flexkd.launch import dump_job, launch_command, launch_env, run_training
 from flexkd.losses import build_objective
 from flexkd.train import Interrupted, distillation_loss, train_loop
 
@@ -217,3 +218,27 @@ def test_fingerprint_leaves_out_the_process_count():
         "s", {"train": base.model_copy(update={"num_processes": 4, "distributed": "fsdp"}).model_dump()})
     assert fingerprint("s", {"train": base.model_dump()}) != fingerprint(
         "s", {"train": base.model_copy(update={"batch_size": 16}).model_dump()})
+
+
+def test_a_pickled_model_returns_its_hidden_states_in_a_fresh_process(tmp_path):
+    """dump_job works around two private globals of transformers' output capturing (flexkd.launch says why); this
+    fails when transformers changes them: a model that already ran with output_hidden_states=True (its capture
+    hooks installed) is pickled here and must return the same hidden states in a new interpreter, as a rank."""
+    model = bert(8, 0, layers=2).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states
+    with open(tmp_path / "job.pkl", "wb") as handle:
+        dump_job({"model": model, "ids": ids}, handle)
+    rank = ("import sys, cloudpickle, torch\n"
+            "job = cloudpickle.load(open(sys.argv[1], 'rb'))\n"
+            "with torch.no_grad():\n"
+            "    out = job['model'](input_ids=job['ids'], output_hidden_states=True)\n"
+            "torch.save(list(out.hidden_states or ()), sys.argv[2])\n")
+    done = subprocess.run([sys.executable, "-c", rank, str(tmp_path / "job.pkl"), str(tmp_path / "hidden.pt")],
+                          env=launch_env(1), capture_output=True, text=True)
+    changed = "transformers' output capturing changed: see the comment above flexkd.launch._output_collector"
+    assert done.returncode == 0, f"{changed}\n{done.stderr[-3000:]}"
+    hidden = torch.load(tmp_path / "hidden.pt")
+    assert len(hidden) == len(expected) == 3, changed
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(hidden, expected))

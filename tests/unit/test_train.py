@@ -9,7 +9,7 @@ from flexkd.data.tokenize import PadCollator
 from flexkd.errors import ProvenanceError
 from flexkd.losses import build_objective
 from flexkd.runtime import epoch_order
-from flexkd.train import Interrupted, task_loss, distillation_loss, train_loop, warmup_linear_decay
+from flexkd.train import Interrupted, distillation_loss, seed_everything, task_loss, train_loop, warmup_linear_decay
 
 
 def bert(hidden, seed, layers=1):
@@ -35,6 +35,43 @@ SETTINGS = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.2, checkp
 def test_schedule_warms_up_then_decays_to_zero():
     f = warmup_linear_decay(10, 0.2)
     assert [round(f(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+def test_schedule_is_transformers_linear_warmup_but_for_the_warmup():
+    """Why warmup_linear_decay is not transformers' get_linear_schedule_with_warmup: theirs starts the warmup at
+    factor 0 (step s gets s / warmup: the first step trains with lr 0), ours at 1 / warmup ((s + 1) / warmup).
+    After the warmup the two are the same, float for float."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10).lr_lambdas[0]
+    ours = warmup_linear_decay(10, 0.2)
+    assert [theirs(s) for s in range(2)] == [0.0, 0.5] and [ours(s) for s in range(2)] == [0.5, 1.0]
+    assert [theirs(s) for s in range(2, 10)] == [ours(s) for s in range(2, 10)]
+    no_warmup = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=10).lr_lambdas[0]
+    assert [no_warmup(s) for s in range(10)] == [warmup_linear_decay(10, 0.0)(s) for s in range(10)]
+
+
+def test_seeding_is_transformers_set_seed_and_takes_any_seed():
+    """Why seed_everything is not transformers.set_seed: below 2**32 they set the same Python, numpy and torch
+    states, but project.seed has no upper bound and set_seed fails from 2**32 on (numpy's limit)."""
+    import random
+
+    import numpy as np
+    from transformers import set_seed
+
+    def states():
+        return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+
+    for seed in (0, 42, 2**32 - 1):
+        seed_everything(seed)
+        ours = states()
+        set_seed(seed)
+        theirs = states()
+        assert ours[:2] == theirs[:2] and torch.equal(ours[2], theirs[2]), seed
+    seed_everything(2**40)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        set_seed(2**40)
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
