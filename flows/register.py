@@ -58,15 +58,6 @@ def register_flow(params: str | None = None, sync: bool = False) -> dict:
         student_info = read_json(paths.student(student_name, method) / "flexkd_student.json")
         manifest = read_json(paths.prepared / "manifest.json")
         index = RelevanceIndex.load(paths.relevance / "index.json")
-        if method == "ft":  # the task loss alone: no teacher term
-            weights = {"task": 1.0}
-        else:
-            weights = {"alpha": student_info["alpha"], "temperature": cfg.distill.temperature,
-                       "logit_loss": cfg.distill.logit_loss}
-        if method in ("projector", "cka", "flexkd"):
-            weights["beta"] = student_info["beta"]
-        if method == "flexkd":
-            weights["flexkd_loss"] = cfg.distill.flexkd_loss
         card = tracking.model_card(
             task=cfg.data.task,
             teacher={"spec": teacher_info["spec"], "weights_hash": teacher_info["weights_hash"],
@@ -79,14 +70,14 @@ def register_flow(params: str | None = None, sync: bool = False) -> dict:
                         if "pruning" in student_info else {})},
             data={"prepared": str(paths.prepared.relative_to(paths.root)), "rows": manifest["rows"],
                   "fingerprint": manifest["fingerprint"], "sources": manifest["sources"]},
-            method=method, loss_weights=weights,
+            method=method, loss_weights=loss_weights(cfg, method, student_info),
             metrics={"validation": {k: v for k, v in best["validation"].items() if k != "neg_loss"},
                      "test": {k: v for k, v in best.items() if k in METRICS}},
             selection_note=(f"Chosen among {len(students)} students on the validation split "
                             f"({evaluation.get('validation_rows', '?')} rows) by {selection_label(selection.metric)}; "
                             f"the test split ({evaluation['test_rows']} rows) is reported only, never used to choose."),
             selected_units=(sorted(index.indices) if student_info["init"] == "prune"
-                            else index.indices if method == "flexkd" else None),
+                            else index.indices if cfg.distill.method(method).reads_selected_units else None),
             task_format=cfg.data.format,
             relevance={"method": index.method, "n_examples": index.n_examples, "k": index.k, "d_teacher": index.d_teacher},
         )
@@ -102,6 +93,28 @@ def register_flow(params: str | None = None, sync: bool = False) -> dict:
         print(f"registered {result['name']} version {result['version']} ({key}, chosen on validation: "
               f"{selection.metric} {selection.value:.4f}) as {result['alias']}: {result['reason']}")
     return result
+
+
+def loss_weights(cfg, method: str, student_info: dict) -> dict:
+    """The model card's loss weights of the student's method, from its terms: a built-in method's alpha and beta
+    (as the run used them), a composed method's term weights; the logit term's and Flex-KD term's settings."""
+    from flexkd.losses.methods import FEATURE_WEIGHT
+
+    spec = cfg.distill.method(method)
+    terms = spec.terms
+    if method in cfg.distill.composed_methods:
+        weights = dict(spec.weights)
+    elif not spec.needs_teacher:  # the task loss alone (ft)
+        weights = {"task": 1.0}
+    else:
+        weights = {"alpha": student_info["alpha"]}
+    if any(term.needs_teacher_logits for term in terms.values()):
+        weights.update(temperature=cfg.distill.temperature, logit_loss=cfg.distill.logit_loss)
+    if FEATURE_WEIGHT in spec.weights.values():
+        weights["beta"] = student_info["beta"]
+    if "flexkd" in terms:
+        weights["flexkd_loss"] = cfg.distill.flexkd_loss
+    return weights
 
 
 if __name__ == "__main__":
