@@ -3,7 +3,7 @@ positions (padding masked out), one row per position.
 
 ``flexkd_feature_loss`` (Flex-KD: the selected teacher units, k = d_S, unit to unit; ``FLEXKD_KINDS``),
 ``cka_loss`` (1 - linear CKA over all teacher units), ``projector_loss`` (MSE through a learned d_S -> d_T map).
-Each is defined from a fewest number of rows (``*_MIN_ROWS``); below it the loss is 0, still in the graph.
+Each needs a least number of rows (``*_MIN_ROWS``); with fewer the loss is 0, still connected to the graph.
 Computed in float32 whatever the input dtype.
 """
 

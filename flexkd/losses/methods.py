@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from flexkd.errors import ConfigError
@@ -52,7 +52,7 @@ class Method:
     """
 
     name: str
-    weights: Mapping[str, float | str] = field(default_factory=dict)
+    weights: Mapping[str, float | str]
 
     @property
     def terms(self) -> dict[str, type[LossTerm]]:

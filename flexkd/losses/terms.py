@@ -1,7 +1,8 @@
-"""Loss terms: the registry of named terms that methods sum (flexkd/losses/methods.py, ``distill.composed_methods``).
+"""Loss terms: the registry of named terms that methods sum (flexkd/losses/methods.py; ``distill.composed_methods``).
 
 A term is a subclass of one of the kinds below, registered under the name params.yaml uses. A new term is one
-class and its registration, for example::
+class and its registration, here (or in a module that flexkd/losses/__init__.py imports: terms register when
+imported, and params are checked against the registry), for example::
 
     @register_term
     class SelectedMSE(SelectedUnitsTerm):
@@ -100,6 +101,8 @@ class TermInputs:
         return self._teacher_logits.detach()
 
     def feature_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(hs (N, d_S), ht (N, d_T)) per compared layer pair; ConfigError when hidden states or sizes are missing
+        or wrong."""
         if self._rows is None:
             if self.student_hidden is None or self.teacher_hidden is None or self.feature_mask is None:
                 raise ConfigError(
