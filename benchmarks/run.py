@@ -176,7 +176,7 @@ def _goal(value: float, goal: float, below: bool = True, percent: bool = False) 
 
 def quality_table(title: str, scores: dict, deltas: dict, scale: float, digits: int = 2) -> list[str]:
     """One metric's table: a row per student set-up, a column per method, flexkd - projector, then the teacher."""
-    from flexkd.config import METHODS
+    from flexkd.losses.methods import METHODS  # the built-in methods, in their order; composed ones after
 
     found = {k.split("/")[1] for k in scores if "/" in k}
     methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))

@@ -49,7 +49,8 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
 
     configs = {}
     for method in methods:
-        for source in (["online"] if method == "ft" else ["online"] + (["cache"] if has_cache else [])):
+        uses_teacher = cfg.distill.method(method).needs_teacher  # ft: one source, no teacher
+        for source in (["online"] + (["cache"] if has_cache else []) if uses_teacher else ["online"]):
             setup = build_distill(cfg, paths, student, method, teacher_source=source, task=task, train=train)
             if source == "cache" and setup.teacher_outputs != "cache":
                 continue  # the cache does not serve this method (it would run the teacher online again)
@@ -193,7 +194,7 @@ def _flexkd_term_seconds(setup, batch, feature_mask) -> float:
     ht_rows = masked_rows(ht, mask)
     setup.runtime.synchronize()
     began = time.perf_counter()
-    setup.objective.feature_term(hs_rows, ht_rows).backward()
+    setup.objective.terms["flexkd"](hs_rows, ht_rows).backward()
     setup.runtime.synchronize()
     return time.perf_counter() - began
 

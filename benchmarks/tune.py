@@ -9,7 +9,7 @@ student set-up x method trains ``--trials`` times. The trials are the same list 
   the learning rate (the student's own lr x 10^[-0.75, 0.75]), alpha in [0.1, 0.9], the temperature in
   2^[0, 3] = [1, 8], and the feature weight beta in 10^[-3, 0].
 
-A method reads the dimensions it has (ft: lr; kd: lr, alpha, temperature; projector, cka, flexkd: all four), so
+A method reads the dimensions its terms have (ft: lr; kd: lr, alpha, temperature; projector, cka, flexkd: all four), so
 trial i gives every method the same learning rate, alpha and temperature. The pick of each (student, method) is its
 best trial on the validation split (``evaluate.primary_metric``; ties: the earlier trial); the test split is scored
 for the pick only, after every trial ran, and reported. Each trial's record is written as it finishes, so an
@@ -31,14 +31,19 @@ from benchmarks.cli import add_profile_args, overrides, read_profile, work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DIMENSIONS = ("lr", "alpha", "temperature", "feature_weight")
-USES = {"ft": ("lr",), "kd": ("lr", "alpha", "temperature")}  # every other method: all four
 LR_DECADES = 0.75  # the learning rate spans the student's lr x 10^[-0.75, 0.75]
 # Keys the trials never change: the shared stages (prepare, teacher, relevance, cache) are reused while they hold.
 TUNED_STUDENT_KEYS = ("per_method", "lr", "alpha", "feature_weight")
 
 
-def dims_of(method: str) -> tuple[str, ...]:
-    return USES.get(method, DIMENSIONS)
+def dims_of(method: str, composed: dict | None = None) -> tuple[str, ...]:
+    """The dimensions ``method`` reads, asked of its terms (``flexkd.losses.Method.settings``): ft lr; kd lr, alpha,
+    temperature; projector, cka, flexkd all four; a method of ``composed`` (distill.composed_methods) lr, and the
+    temperature when it has a logit term (its weights are its own)."""
+    from flexkd.losses.methods import get_method
+
+    settings = get_method(method, composed).settings
+    return tuple(d for d in DIMENSIONS if d in settings)
 
 
 def trial_points(n: int, seed: int) -> list[dict[str, float] | None]:
@@ -52,7 +57,8 @@ def trial_points(n: int, seed: int) -> list[dict[str, float] | None]:
     return [None] + [dict(zip(DIMENSIONS, point)) for point in points]
 
 
-def settings_for(point: dict[str, float] | None, method: str, base_lr: float) -> dict[str, float]:
+def settings_for(point: dict[str, float] | None, method: str, base_lr: float,
+                 composed: dict | None = None) -> dict[str, float]:
     """One trial's settings for one method (empty for trial 0: the profile's own)."""
     if point is None:
         return {}
@@ -60,7 +66,7 @@ def settings_for(point: dict[str, float] | None, method: str, base_lr: float) ->
               "alpha": 0.1 + 0.8 * point["alpha"],
               "temperature": 2 ** (3 * point["temperature"]),
               "feature_weight": 10 ** (3 * point["feature_weight"] - 3)}
-    return {key: float(f"{values[key]:.3g}") for key in dims_of(method)}
+    return {key: float(f"{values[key]:.3g}") for key in dims_of(method, composed)}
 
 
 def shared_key(raw: dict) -> dict:
@@ -211,7 +217,7 @@ def tune(raw: dict, root: Path, students: list[str], methods: list[str], trials:
         for method in methods:
             records = []
             for index, point in enumerate(points):
-                record = run_trial(root, raw, student, method, index, settings_for(point, method, base_lr))
+                record = run_trial(root, raw, student, method, index, settings_for(point, method, base_lr, cfg.distill.composed_methods))
                 records.append(record)
                 print(f"{student}/{method} trial {index}: {record['resolved']} -> validation {metric} "
                       f"{record['validation'][metric]:.4f} ({record['seconds']:.0f}s)")
@@ -227,7 +233,8 @@ def tune(raw: dict, root: Path, students: list[str], methods: list[str], trials:
                 "trials": [{"trial": r["trial"], "settings": r["resolved"], "validation": r["validation"][metric],
                             "best_step": r["best_step"], "seconds": r["seconds"]} for r in records],
                 "default_validation": records[0]["validation"][metric],
-                "pick": {"trial": best["trial"], "settings": {k: best["resolved"][k] for k in dims_of(method)},
+                "pick": {"trial": best["trial"],
+                         "settings": {k: best["resolved"][k] for k in dims_of(method, cfg.distill.composed_methods)},
                          "validation": best["validation"][metric], "test": test[metric]},
             }
     return {"seed": cfg.project.seed, "task": cfg.data.task, "primary_metric": metric, "trials": trials,
@@ -265,7 +272,7 @@ def render(result: dict) -> str:
         student, method = key.split("/")
         pick_ = block["pick"]
         chosen = block["trials"][pick_["trial"]]["settings"]
-        cells = [f"{chosen[k]:g}" if k in dims_of(method) else "" for k in DIMENSIONS]
+        cells = [f"{chosen[k]:g}" if k in pick_["settings"] else "" for k in DIMENSIONS]  # the method's dimensions
         lines.append(f"| {student} | {method} | {block['default_validation'] * 100:.2f} | {pick_['validation'] * 100:.2f} "
                      f"(trial {pick_['trial']}) | {pick_['test'] * 100:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -41,10 +41,14 @@ def features_hash(features: Sequence[dict]) -> str:
     return digest.hexdigest()
 
 
-def cache_columns(mode: str, selected_units: Sequence[int], teacher_hidden: int, methods: Sequence[str]) -> list[int]:
-    """Teacher units a cache stores: the selected ones (ascending) or all of them; ``auto`` decides by ``methods``."""
+def cache_columns(mode: str, selected_units: Sequence[int], teacher_hidden: int, methods: Sequence) -> list[int]:
+    """Teacher units a cache stores: the selected ones (ascending) or all of them. ``auto`` asks the terms of
+    ``methods`` (``flexkd.losses.Method``s, or built-in method names): all units when one compares all of them."""
     if mode == "auto":
-        mode = "full" if any(m in ("projector", "cka") for m in methods) else "selected"
+        from flexkd.losses.methods import get_method
+
+        methods = [get_method(m) if isinstance(m, str) else m for m in methods]
+        mode = "full" if any(m.teacher_units == "all" for m in methods) else "selected"
     if mode == "full":
         return list(range(int(teacher_hidden)))
     if mode == "selected":

@@ -149,15 +149,23 @@ def chosen_student(paths: Paths, evaluation: dict):
 
 
 def loss_weights(cfg: FlexKDConfig, method: str, student_info: dict) -> dict:
-    """The loss weights a model card states for ``method`` (what the student was trained with)."""
-    if method == "ft":  # the task loss alone: no teacher term
+    """The model card's loss weights of the student's method, from its terms: a built-in method's alpha and beta
+    (as the run used them), a composed method's term weights; the logit term's and Flex-KD term's settings."""
+    from flexkd.losses.methods import FEATURE_WEIGHT
+
+    spec = cfg.distill.method(method)
+    terms = spec.terms
+    if method in cfg.distill.composed_methods:
+        weights = dict(spec.weights)
+    elif not spec.needs_teacher:  # the task loss alone (ft)
         weights = {"task": 1.0}
     else:
-        weights = {"alpha": student_info["alpha"], "temperature": cfg.distill.temperature,
-                   "logit_loss": cfg.distill.logit_loss}
-    if method in ("projector", "cka", "flexkd"):
+        weights = {"alpha": student_info["alpha"]}
+    if any(term.needs_teacher_logits for term in terms.values()):
+        weights.update(temperature=cfg.distill.temperature, logit_loss=cfg.distill.logit_loss)
+    if FEATURE_WEIGHT in spec.weights.values():
         weights["beta"] = student_info["beta"]
-    if method == "flexkd":
+    if "flexkd" in terms:
         weights["flexkd_loss"] = cfg.distill.flexkd_loss
     return weights
 
@@ -193,7 +201,7 @@ def champion_card(cfg: FlexKDConfig, paths: Paths, evaluation: dict, selection) 
                         f"({evaluation.get('validation_rows', '?')} rows) by {selection_label(selection.metric)}; "
                         f"the test split ({evaluation['test_rows']} rows) is reported only, never used to choose."),
         selected_units=(sorted(index.indices) if student_info["init"] == "prune"
-                        else index.indices if method == "flexkd" else None),
+                        else index.indices if cfg.distill.method(method).reads_selected_units else None),
         task_format=cfg.data.format,
         relevance={"method": index.method, "n_examples": index.n_examples, "k": index.k, "d_teacher": index.d_teacher},
     )

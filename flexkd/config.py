@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flexkd.errors import ConfigError
 
-METHODS = ("ft", "kd", "projector", "cka", "flexkd")
-FEATURE_METHODS = ("projector", "cka", "flexkd")
 PRIMARY_METRICS = ("accuracy", "macro_f1", "mcc")
 
 
@@ -251,7 +249,8 @@ class StudentConfig(_Strict):
     per_method: "dict[str, MethodSettings]" = Field(
         default_factory=dict,
         description="Settings of one method on this student, over the student's and distill's (e.g. the values "
-        "`python -m benchmarks.tune` picked on validation): {method: {lr, alpha, temperature, feature_weight}}.",
+        "`python -m benchmarks.tune` picked on validation): {method: {lr, alpha, temperature, feature_weight}}. "
+        "A composed method takes lr and temperature only (its weights are in distill.composed_methods).",
     )
 
     @model_validator(mode="after")
@@ -265,9 +264,6 @@ class StudentConfig(_Strict):
             raise ValueError("path is required when init is 'path'")
         if self.prune_layers is not None and sorted(set(self.prune_layers)) != list(self.prune_layers):
             raise ValueError(f"prune_layers must be ascending and unique, got {self.prune_layers}")
-        unknown = sorted(set(self.per_method) - set(METHODS))
-        if unknown:
-            raise ValueError(f"per_method: unknown method(s) {unknown}; valid: {list(METHODS)}")
         return self
 
 
@@ -286,8 +282,27 @@ class FeatureWeights(_Strict):
     flexkd: float = Field(1.0, ge=0, description="beta of the Flex-KD term.")
 
 
+def _builtin_methods() -> list[str]:
+    from flexkd.losses.methods import METHODS
+
+    return list(METHODS)
+
+
 class DistillConfig(_Strict):
-    methods: list[str] = Field(list(METHODS), min_length=1, description=f"Students to train; any of {', '.join(METHODS)}.")
+    methods: list[str] = Field(
+        default_factory=_builtin_methods, min_length=1,
+        description="Students to train, one per method: the built-in ft, kd, projector, cka, flexkd (docs/METHOD.md; "
+        "flexkd/losses/methods.py), or a method defined under composed_methods.",
+    )
+    composed_methods: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Methods of one's own, {name: {term: weight}}: the registered loss terms the method sums (ce, kd, "
+        "projector, cka, flexkd, and any class registered with @register_term, see flexkd/losses/terms.py), each "
+        "times its weight (>= 0; kd also times temperature^2, as in the built-in methods), in the order listed. The "
+        "terms read their settings from the keys below (temperature, logit_loss, flexkd_loss, ...); alpha and "
+        "feature_weight are the built-in methods' weights only. A name defined here can appear in methods (and so "
+        "in DVC's distill matrix, MLflow and the tables).",
+    )
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit KD term; the task loss gets 1 - alpha.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature tau of the KD term (scaled by tau^2).")
     feature_weight: FeatureWeights = Field(default_factory=FeatureWeights, description="beta per feature method.")
@@ -312,7 +327,8 @@ class DistillConfig(_Strict):
         description="Where the Flex-KD term compares student and selected teacher units: last (the last hidden "
         "states, as the method specifies) or matched (also every student layer with its teacher layer: "
         "prune_layers, else num_layers evenly spaced, the term averaged over the pairs; the teacher runs online, "
-        "the cache holding the last layer only).",
+        "the cache holding the last layer only). In a method with such a selected-units term, matched applies to "
+        "every feature term of the method.",
     )
     barlow_lambda_off: float = Field(
         5e-3, ge=0,
@@ -329,12 +345,30 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_methods(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        from flexkd.losses.methods import composed_method_problems
+
+        problems = [p for name, weights in self.composed_methods.items() for p in composed_method_problems(name, weights)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        unknown = [m for m in self.methods if m not in self.method_names]
         if unknown:
-            raise ValueError(f"distill.methods: unknown method(s) {unknown}; valid: {list(METHODS)}")
+            raise ValueError(f"distill.methods: unknown method(s) {unknown}; valid: {self.method_names} (define a "
+                             "method of your own under distill.composed_methods)")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"distill.methods: duplicates in {self.methods}")
         return self
+
+    @property
+    def method_names(self) -> list[str]:
+        """Every method params may name: the built-in ones, then those of composed_methods."""
+        return _builtin_methods() + list(self.composed_methods)
+
+    def method(self, name: str):
+        """The method ``name`` (a ``flexkd.losses.Method``: its terms and weights), built-in or composed;
+        ConfigError for any other name."""
+        from flexkd.losses.methods import get_method
+
+        return get_method(name, self.composed_methods)
 
 
 class TeacherCacheConfig(_Strict):
@@ -345,7 +379,8 @@ class TeacherCacheConfig(_Strict):
     features: Literal["auto", "selected", "full"] = Field(
         "auto", description="Teacher hidden units stored per position: selected (the k = d_S relevance-selected "
         "units, all Flex-KD needs), full (all d_T units, also what projector and cka need), auto (full when "
-        "distill.methods has projector or cka, else selected). Methods the cache cannot serve run the teacher online.",
+        "a method of distill.methods has a term that compares all teacher units, as projector and cka do, else "
+        "selected). Methods the cache cannot serve run the teacher online.",
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Storage type of the cached hidden states and logits (float16 halves the size; float32 is exact)."
@@ -445,6 +480,7 @@ class FlexKDConfig(_Strict):
         for name in self.students:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"students.{name}: names may hold letters, digits, '-' and '_' only")
+            self._check_per_method(name)
         sizes = {self.students[n].hidden_size for n in self.distill.students}
         if len(sizes) > 1:
             raise ValueError(
@@ -471,6 +507,20 @@ class FlexKDConfig(_Strict):
                 "(rougeL for instruction/summarization; accuracy, macro_f1 or mcc for classification)"
             )
         return self
+
+    def _check_per_method(self, student: str) -> None:
+        per_method = self.students[student].per_method
+        unknown = sorted(set(per_method) - set(self.distill.method_names))
+        if unknown:
+            raise ValueError(f"students.{student}.per_method: unknown method(s) {unknown}; valid: "
+                             f"{self.distill.method_names}")
+        for method, settings in per_method.items():
+            for key in ("alpha", "feature_weight"):
+                if method in self.distill.composed_methods and getattr(settings, key) is not None:
+                    raise ValueError(
+                        f"students.{student}.per_method.{method}.{key}: {method} is a composed method, whose terms' "
+                        f"weights are set in distill.composed_methods.{method}; drop {key} here (lr and temperature apply)"
+                    )
 
     @property
     def k(self) -> int:

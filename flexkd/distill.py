@@ -39,8 +39,8 @@ class DistillSetup:
     eval_collate: Callable  # for plain features (validation, test)
     units: list[int]  # teacher units paired with student units 0..k-1
     teacher_outputs: str  # "cache" | "online" | "none"
-    alpha: float
-    beta: float
+    alpha: float | None  # the built-in methods' weights (None for a composed method: its weights are its own)
+    beta: float | None
     settings: TrainConfig  # distill.train with this student's lr
     params: dict[str, Any]  # what the run depends on (MLflow params, fingerprint)
     runtime: Runtime
@@ -66,7 +66,8 @@ def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: li
     """
     from flexkd.cache import TeacherCache, cache_enabled, features_hash
 
-    if method == "ft":
+    spec = cfg.distill.method(method)
+    if not spec.needs_teacher:
         return None
     if intermediate_layers:
         print(f"{method} compares intermediate layers (distill.flexkd_layers: matched), which the teacher cache does "
@@ -81,7 +82,8 @@ def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: li
     cache.verify(teacher_weights_hash=teacher_hash, data_fingerprint=data_fp, relevance_index_hash=index_hash,
                  features_hash=features_hash(train), temperature=cfg.distill.temperature if cache.generation else None,
                  top_k=cfg.distill.teacher_top_k if cache.generation else None)
-    needed = {"flexkd": units, "kd": None}.get(method, list(range(cache.meta["d_teacher"])))
+    needed = (None if spec.teacher_units is None else units if spec.teacher_units == "selected"
+              else list(range(cache.meta["d_teacher"])))  # the teacher units the method's terms compare
     if not cache.serves(needed):
         print(f"teacher cache holds {cache.width} of {cache.meta['d_teacher']} teacher units; {method} compares all of them, "
               "so it runs the teacher online (teacher_cache.features: full serves it)")
@@ -89,20 +91,22 @@ def open_cache(cfg: FlexKDConfig, cache_dir: Path, train, method: str, units: li
     return cache
 
 
-def method_settings(cfg: FlexKDConfig, student: str, method: str) -> dict[str, float]:
+def method_settings(cfg: FlexKDConfig, student: str, method: str) -> dict[str, float | None]:
     """lr, alpha, temperature and beta of one (student, method): students.<s>.per_method.<m>, else the student's
-    own key, else distill's (beta: 0 for a method without a feature term)."""
+    own key, else distill's (beta: 0 for a built-in method without a feature term). alpha and beta weigh the
+    built-in methods' terms; a composed method's weights are its own (distill.composed_methods): None here."""
     dcfg, scfg = cfg.distill, cfg.student(student)
     own = scfg.per_method.get(method)
     weights = scfg.feature_weight or dcfg.feature_weight
+    builtin = method not in dcfg.composed_methods
 
     def pick(key, student_value, default):
         value = getattr(own, key) if own is not None else None
         return value if value is not None else (student_value if student_value is not None else default)
 
-    return {"lr": pick("lr", scfg.lr, dcfg.train.lr), "alpha": pick("alpha", scfg.alpha, dcfg.alpha),
+    return {"lr": pick("lr", scfg.lr, dcfg.train.lr), "alpha": pick("alpha", scfg.alpha, dcfg.alpha) if builtin else None,
             "temperature": pick("temperature", None, dcfg.temperature),
-            "beta": pick("feature_weight", None, getattr(weights, method, 0.0))}
+            "beta": pick("feature_weight", None, getattr(weights, method, 0.0)) if builtin else None}
 
 
 def stage_params(cfg: FlexKDConfig, student: str, method: str) -> dict[str, Any]:
@@ -110,11 +114,38 @@ def stage_params(cfg: FlexKDConfig, student: str, method: str) -> dict[str, Any]
     dcfg, scfg = cfg.distill, cfg.student(student)
     student_dump = scfg.model_dump()
     student_dump["per_method"] = {method: student_dump["per_method"][method]} if method in scfg.per_method else {}
-    params = {"student_name": student, "method": method, "distill": dcfg.model_dump(), "student": student_dump,
-              **method_settings(cfg, student, method), "seed": cfg.project.seed, "runtime": cfg.runtime_fingerprint()}
+    # distill without composed_methods: a run depends on its own method's terms only (added below when composed)
+    params = {"student_name": student, "method": method, "distill": dcfg.model_dump(exclude={"composed_methods"}),
+              "student": student_dump, **method_settings(cfg, student, method), "seed": cfg.project.seed,
+              "runtime": cfg.runtime_fingerprint()}
+    if method in dcfg.composed_methods:
+        params["terms"] = dict(dcfg.composed_methods[method])
     if cfg.data.is_generation:
         params["generation"] = cfg.generation.model_dump()
     return params
+
+
+def method_objective(cfg: FlexKDConfig, student: str, method: str, *, student_hidden: int, teacher_hidden: int,
+                     selected_units: list[int] | None = None, shared_vocab: int | None = None,
+                     layer_pairs: list[tuple[int, int]] | None = None):
+    """The DistillObjective of one (student, method) from params: the method's terms (built-in or
+    ``distill.composed_methods``), weighted with the student's settings (``method_settings``), each term built with
+    distill's settings. ``selected_units`` reach the terms that compare selected teacher units (flexkd)."""
+    from flexkd.losses import build_objective
+
+    dcfg, settings, spec = cfg.distill, method_settings(cfg, student, method), cfg.distill.method(method)
+    return build_objective(
+        spec, alpha=_given(settings["alpha"], 0.0), temperature=settings["temperature"],
+        feature_weight=_given(settings["beta"], 0.0), flexkd_kind=dcfg.flexkd_loss,
+        barlow_lambda_off=dcfg.barlow_lambda_off, student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+        selected_units=selected_units if spec.reads_selected_units else None, logit_loss=dcfg.logit_loss,
+        jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha, shared_vocab=shared_vocab,
+        teacher_top_k=dcfg.teacher_top_k, layer_pairs=layer_pairs,
+    )
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtime: Runtime | None = None,
@@ -128,13 +159,12 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     """
     from flexkd.cache import IndexedCollate, cached_distillation_loss
     from flexkd.data.prepare import split_fingerprint
-    from flexkd.losses import build_objective
     from flexkd.models import hidden_size, load_tokenizer
     from flexkd.provenance import weights_hash
     from flexkd.tasks import task_for
     from flexkd.train import distillation_loss
 
-    _check_request(cfg, student, method, teacher_source)
+    spec = _check_request(cfg, student, method, teacher_source)
     task = task or task_for(cfg)
     runtime = runtime or task.runtime
     dcfg, scfg = cfg.distill, cfg.student(student)
@@ -152,15 +182,9 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     model, pruning = _build_student(task, teacher, student, scfg, units, train, collate, runtime,
                                     seed=cfg.project.seed if seed is None else seed)
 
-    alpha, beta = params["alpha"], params["beta"]
-    objective_args = dict(
-        alpha=alpha, temperature=params["temperature"], feature_weight=beta, flexkd_kind=dcfg.flexkd_loss,
-        barlow_lambda_off=dcfg.barlow_lambda_off, student_hidden=hidden_size(model), logit_loss=dcfg.logit_loss,
-        jsd_beta=dcfg.jsd_beta, skew_alpha=dcfg.skew_alpha,
-        shared_vocab=len(tokenizer) if task.is_generation else None, teacher_top_k=dcfg.teacher_top_k,
-    )
+    objective_args = dict(student_hidden=hidden_size(model), shared_vocab=len(tokenizer) if task.is_generation else None)
     layer_pairs = None
-    if method == "flexkd" and dcfg.flexkd_layers == "matched":  # student layer i <-> teacher layer [i]
+    if spec.reads_selected_units and dcfg.flexkd_layers == "matched":  # student layer i <-> teacher layer [i]
         from flexkd.tasks import teacher_layers_for
 
         layer_pairs = [(i + 1, t + 1) for i, t in enumerate(teacher_layers_for(teacher, scfg))]  # 0: embeddings
@@ -171,8 +195,8 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
                            data_fp=data_fp, index_hash=index.content_hash(), required=teacher_source == "auto",
                            intermediate_layers=layer_pairs is not None)
     if cache is None:  # the teacher runs online, inside every step
-        objective = build_objective(method, teacher_hidden=hidden_size(teacher),
-                                    selected_units=units if method == "flexkd" else None, **objective_args)
+        objective = method_objective(cfg, student, method, teacher_hidden=hidden_size(teacher), selected_units=units,
+                                     **objective_args)
         online = teacher if objective.needs_teacher else None
         if online is not None:
             runtime.frozen(online)
@@ -180,8 +204,9 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
         train_data, train_collate = train, collate
         outputs = "online" if online is not None else "none"
     else:  # the same objective over the cached columns: Flex-KD's pairing is remapped into the cache
-        objective = build_objective(method, teacher_hidden=cache.width if cache.width else hidden_size(teacher),
-                                    selected_units=cache.positions(units) if method == "flexkd" else None, **objective_args)
+        objective = method_objective(cfg, student, method, teacher_hidden=cache.width if cache.width else hidden_size(teacher),
+                                     selected_units=cache.positions(units) if spec.reads_selected_units else None,
+                                     **objective_args)
         loss_fn = cached_distillation_loss(cache, objective, task.feature_mask,
                                            vocab=len(tokenizer) if task.is_generation else None)
         train_data, train_collate = IndexedCollate.index(train), IndexedCollate(collate)
@@ -191,22 +216,21 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
                   "relevance_index_hash": index.content_hash(), "cache_files": cache.meta["files"] if cache is not None else None}
     return DistillSetup(
         student_name=student, method=method, model=model, objective=objective, loss_fn=loss_fn, train_data=train_data,
-        collate=train_collate, eval_collate=collate, units=units, teacher_outputs=outputs, alpha=alpha, beta=beta,
-        settings=settings, params=params, runtime=runtime, teacher=online, cache=cache, pruning=pruning,
-        tokenizer=tokenizer, provenance=provenance,
+        collate=train_collate, eval_collate=collate, units=units, teacher_outputs=outputs, alpha=params["alpha"],
+        beta=params["beta"], settings=settings, params=params, runtime=runtime, teacher=online, cache=cache,
+        pruning=pruning, tokenizer=tokenizer, provenance=provenance,
     )
 
 
-def _check_request(cfg: FlexKDConfig, student: str, method: str, teacher_source: str) -> None:
-    """A known method, a defined student and a known teacher source, or an error naming what is not."""
-    from flexkd.config import METHODS
-
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r}: unknown; valid: {list(METHODS)}")
+def _check_request(cfg: FlexKDConfig, student: str, method: str, teacher_source: str):
+    """The method's spec (built-in or composed), if the method is known, the student defined and the teacher
+    source valid; else an error naming what is not."""
+    spec = cfg.distill.method(method)  # ConfigError naming the valid methods
     if student not in cfg.students:
         raise ConfigError(f"student {student!r} is not defined under students ({sorted(cfg.students)})")
     if teacher_source not in TEACHER_SOURCES:
         raise ValueError(f"teacher_source {teacher_source!r}: one of {TEACHER_SOURCES}")
+    return spec
 
 
 def _relevance_units(cfg: FlexKDConfig, paths, scfg, *, teacher_hash: str, data_fp: str):

@@ -179,7 +179,7 @@ def teacher_cache(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None = No
     index.verify(teacher_weights_hash=provenance["teacher_weights_hash"], data_fingerprint=provenance["data_fingerprint"])
     d_teacher = hidden_size(teacher)
     spec = CacheSpec(
-        columns=cache_columns(ccfg.features, index.indices, d_teacher, cfg.distill.methods),
+        columns=cache_columns(ccfg.features, index.indices, d_teacher, [cfg.distill.method(m) for m in cfg.distill.methods]),
         d_teacher=d_teacher, generation=task.is_generation, dtype=ccfg.dtype,
         top_k=cfg.distill.teacher_top_k if task.is_generation else None,
         temperature=cfg.distill.temperature, vocab=len(tokenizer) if task.is_generation else None,

@@ -49,7 +49,7 @@ def cli(description: str, method: bool = False) -> argparse.Namespace:
                              "push its outputs")
     if method:
         parser.add_argument("--student", required=True, help="a student set-up named under `students` in params")
-        parser.add_argument("--method", required=True, help="distillation method: ft, kd, projector, cka or flexkd")
+        parser.add_argument("--method", required=True, help="distillation method: ft, kd, projector, cka, flexkd or one of distill.composed_methods")
     return parser.parse_args()
 
 

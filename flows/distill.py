@@ -1,6 +1,7 @@
 """Stage 5 (one run per student set-up and method): distill a student from the tuned teacher.
 
-Methods: ft (task only), kd (logits), projector, cka, flexkd (logits + that feature term). Flex-KD pairs
+Methods: ft (task only), kd (logits), projector, cka, flexkd (logits + that feature term), or one of
+distill.composed_methods (its loss terms with their weights; flexkd/losses/methods.py). Flex-KD pairs
 student unit i with teacher unit S[i] of the relevance index, which must match the teacher and data.
 Students: random init, loaded from a path, or pruned from the teacher to the selected units (then unit i
 starts as teacher unit S[i], S ascending). Writes runs/students/<task>/<student>/<method>/ (save_pretrained +
@@ -27,7 +28,7 @@ def check_teacher_beats_ft(cfg, paths, student: str, method: str) -> None:
 
     ft_metrics = paths.distill_metrics(student, "ft")
     teacher_info = paths.teacher / "flexkd_teacher.json"
-    if method == "ft" or not ft_metrics.exists() or not teacher_info.exists():
+    if not cfg.distill.method(method).needs_teacher or not ft_metrics.exists() or not teacher_info.exists():
         return
     from flexkd.tasks import task_for
 
@@ -52,15 +53,14 @@ def distill_flow(student: str, method: str, params: str | None = None, sync: boo
 
         return run_synced("distill", params, student=student, method=method)
     from flexkd import stages, tracking
-    from flexkd.config import METHODS
     from flexkd.distill import stage_params
     from flexkd.errors import ConfigError, FlexKDError
     from flexkd.tasks import task_for
     from flexkd.train import set_threads
 
     cfg = load_params(params)
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: unknown; valid: {list(METHODS)}")
+    if method not in cfg.distill.method_names:
+        raise ConfigError(f"--method {method!r}: unknown; valid: {cfg.distill.method_names}")
     if method not in cfg.distill.methods:
         raise ConfigError(f"--method {method!r} is not in distill.methods {cfg.distill.methods}")
     if student not in cfg.distill.students:

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexkd.config import METHODS, load_config, parse_config
+from flexkd.config import load_config, parse_config
 from flexkd.errors import ConfigError
+from flexkd.losses import METHODS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,7 @@
 """Golden-value and behaviour tests of flexkd.losses. Expected numbers are hand-computed or come from an
 independent numpy formula, never from the function under test."""
 
+import copy
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 from flexkd import config
 from flexkd.errors import ConfigError
 from flexkd.losses import (
+    BUILTIN_METHODS,
     LOSS_TERMS,
     METHODS,
     FeatureTerm,
@@ -239,13 +241,18 @@ def test_projector_loss_golden():
 # ---------------------------------------------------------------- registry and objective
 
 
+FEATURE_METHODS = ("projector", "cka", "flexkd")
+
+
 def test_registry_names_and_flags():
-    # Each term is registered under its own name; the feature terms are exactly the feature methods whose
-    # weights params.yaml takes (distill.feature_weight.<method>).
+    # Each term is registered under its own name; the built-in feature terms are exactly the built-in methods that
+    # weigh a feature term, whose weights params.yaml takes (distill.feature_weight.<method>).
     for name, term in LOSS_TERMS.items():
         assert term.name == name and get_loss_term(name) is term
-    features = {name for name, term in LOSS_TERMS.items() if issubclass(term, FeatureTerm)}
-    assert features == set(config.FEATURE_METHODS) == set(config.FeatureWeights.model_fields)
+    features = {name for name, term in LOSS_TERMS.items()
+                if issubclass(term, FeatureTerm) and term.__module__ == "flexkd.losses.terms"}
+    weighted = {method for method, weights in BUILTIN_METHODS.items() if "feature_weight" in weights.values()}
+    assert features == weighted == set(FEATURE_METHODS) == set(config.FeatureWeights.model_fields)
     assert not LOSS_TERMS["ce"].needs_teacher_logits and not LOSS_TERMS["ce"].needs_teacher_hidden
     assert LOSS_TERMS["kd"].needs_teacher_logits and not LOSS_TERMS["kd"].needs_teacher_hidden
     for name in ("projector", "cka", "flexkd"):
@@ -278,7 +285,7 @@ def _objective(method, **kwargs):
 
 def _feature_by_hand(method, objective, hs, ht):
     if method == "projector":
-        return projector_loss(objective.feature_term.projector, hs, ht).item()
+        return projector_loss(objective.terms["projector"].projector, hs, ht).item()
     if method == "cka":
         return cka_loss(hs, ht).item()
     return flexkd_feature_loss(hs, ht[:, UNITS], "pearson").item()
@@ -306,7 +313,7 @@ def test_objective_terms_per_method(method, keys):
     expected = task
     if method != "ft":
         expected = 0.7 * task + 0.3 * 9.0 * forward_kl(batch["student_logits"], batch["teacher_logits"], 3.0).item()
-    if method in config.FEATURE_METHODS:
+    if method in FEATURE_METHODS:
         mask = batch["feature_mask"]
         hs, ht = batch["student_hidden"][mask], batch["teacher_hidden"][mask]
         expected += 0.7 * _feature_by_hand(method, objective, hs, ht)
@@ -315,16 +322,50 @@ def test_objective_terms_per_method(method, keys):
     assert terms["total"].item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", config.METHODS)
+def _formula_before_the_registry(method, batch, projector, alpha, tau, beta):
+    """The built-in methods' objective as flexkd/losses.py computed it before the term registry, in its order:
+    (1 - alpha) task + alpha tau^2 kd (ft: the task alone), then + beta times the feature term."""
+    total = task_ce(batch["student_logits"], batch["labels"])
+    if method != "ft":
+        kd = forward_kl(batch["student_logits"], batch["teacher_logits"].detach(), tau)
+        total = (1.0 - alpha) * total + alpha * tau**2 * kd
+    if method in FEATURE_METHODS:
+        mask = batch["feature_mask"]
+        hs, ht = masked_rows(batch["student_hidden"], mask), masked_rows(batch["teacher_hidden"].detach(), mask)
+        feature = (projector_loss(projector, hs, ht) if method == "projector" else cka_loss(hs, ht) if method == "cka"
+                   else flexkd_feature_loss(hs, ht[:, UNITS], "pearson", 5e-3))
+        total = total + beta * torch.stack([feature]).mean()
+    return total
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_built_in_method_is_its_formula_bit_for_bit(method):
+    # The sum of the method's weighted terms gives exactly the bits of the formula: the total and every gradient.
+    alpha, tau, beta = 0.3, 3.0, 0.7
+    objective = _objective(method, alpha=alpha, temperature=tau, feature_weight=beta)
+    projector = copy.deepcopy(objective.terms["projector"].projector) if method == "projector" else None
+    batch, reference = _batch(), _batch()
+    total, terms = objective(**batch)
+    expected = _formula_before_the_registry(method, reference, projector, alpha, tau, beta)
+    assert torch.equal(total, expected) and torch.equal(terms["total"], expected.detach())
+    total.backward()
+    expected.backward()
+    for key in ("student_logits", "student_hidden"):
+        assert (batch[key].grad is None and reference[key].grad is None) or torch.equal(batch[key].grad,
+                                                                                        reference[key].grad), key
+    if projector is not None:
+        for got, want in zip(objective.parameters(), projector.parameters(), strict=True):
+            assert torch.equal(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("method", config.DistillConfig().methods)
 def test_every_method_params_yaml_accepts_builds_its_terms(method):
     # flexkd.config validates distill.methods; each of its methods must build here, with the terms it names.
     assert method in METHODS
     objective = _objective(method)
-    assert (objective.kd_term is None) == (method == "ft")
-    if method in config.FEATURE_METHODS:
-        assert objective.feature_term.name == method and get_loss_term(method) is type(objective.feature_term)
-    else:
-        assert objective.feature_term is None
+    expected = ["ce"] if method == "ft" else ["ce", "kd"] + ([method] if method in FEATURE_METHODS else [])
+    assert list(objective.terms) == expected
+    assert all(type(term) is get_loss_term(name) for name, term in objective.terms.items())
     # ... and nothing the config refuses is built.
     with pytest.raises(ValueError, match="unknown method"):
         config.DistillConfig(methods=[method + "_x"])
@@ -342,7 +383,7 @@ def test_too_few_feature_positions_contribute_zero_and_are_reported(method, posi
     batch["feature_mask"] = torch.zeros(B, T, dtype=torch.bool)
     batch["feature_mask"][1, 2] = positions == 1
     total, terms = objective(**batch)
-    skipped = positions < objective.feature_term.min_rows
+    skipped = positions < objective.terms[method].min_rows
     assert terms[f"feature/{method}_skipped"].item() == float(skipped)
     assert skipped == (method != "projector" or positions == 0)
     task = task_ce(batch["student_logits"], batch["labels"]).item()
@@ -404,6 +445,19 @@ def test_gradients_reach_student_and_projector_not_teacher(method):
         assert len(params) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     else:
         assert params == []
+
+
+def test_a_projector_checkpoint_from_before_the_registry_still_loads():
+    # Before the term registry the objective held its feature term as ``feature_term``: a resumable checkpoint of
+    # that time holds the projector under feature_term.projector.*, and must resume.
+    objective = _objective("projector")
+    assert list(objective.state_dict()) == ["terms.projector.projector.weight", "terms.projector.projector.bias"]
+    old = {"feature_term.projector.weight": torch.randn(D_T, D_S), "feature_term.projector.bias": torch.randn(D_T)}
+    objective.load_state_dict(dict(old))  # strict: every key found
+    assert torch.equal(objective.terms["projector"].projector.weight, old["feature_term.projector.weight"])
+    assert torch.equal(objective.terms["projector"].projector.bias, old["feature_term.projector.bias"])
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        _objective("cka").load_state_dict({"feature_term.projector.weight": torch.zeros(1)})
 
 
 def test_build_objective_refusals():

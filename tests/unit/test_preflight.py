@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexkd.config import METHODS, parse_config
+from flexkd.config import parse_config
 from flexkd.errors import ConfigError, DataError
+from flexkd.losses import METHODS
 from flexkd.preflight import check, describe
 from tests.integration.project import save_tiny_bert, tiny_params
 
