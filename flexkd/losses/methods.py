@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from flexkd.errors import ConfigError
-from flexkd.losses.terms import LOSS_TERMS, LossTerm, get_loss_term
+from flexkd.losses.terms import LOSS_TERMS, LossTerm, get_loss_term, reads_teacher, reads_teacher_hidden
 
 ALPHA = "alpha"
 TASK_SHARE = "1 - alpha"
@@ -61,11 +61,11 @@ class Method:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher_logits or t.needs_teacher_hidden for t in self.terms.values())
+        return reads_teacher(self.terms.values())
 
     @property
     def needs_teacher_hidden(self) -> bool:
-        return any(t.needs_teacher_hidden for t in self.terms.values())
+        return reads_teacher_hidden(self.terms.values())
 
     @property
     def teacher_units(self) -> str | None:

@@ -17,7 +17,8 @@ from torch import nn
 from flexkd.errors import ConfigError
 from flexkd.losses.divergences import LOGIT_LOSSES
 from flexkd.losses.methods import Method, get_method
-from flexkd.losses.terms import FeatureTerm, LossTerm, TermContext, TermInputs, get_loss_term
+from flexkd.losses.terms import (FeatureTerm, LossTerm, TermContext, TermInputs, get_loss_term, reads_teacher,
+                                 reads_teacher_hidden)
 
 
 def _check_selected_units(method: str, selected_units, student_hidden: int, teacher_hidden: int) -> torch.Tensor:
@@ -90,11 +91,11 @@ class DistillObjective(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher_logits or t.needs_teacher_hidden for t in self.terms.values())
+        return reads_teacher(self.terms.values())
 
     @property
     def needs_teacher_hidden(self) -> bool:
-        return any(t.needs_teacher_hidden for t in self.terms.values())
+        return reads_teacher_hidden(self.terms.values())
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, weights={self.weights}"

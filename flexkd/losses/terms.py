@@ -190,6 +190,16 @@ def register_term(term: type[LossTerm]) -> type[LossTerm]:
     return term
 
 
+def reads_teacher(terms) -> bool:
+    """Whether any of these terms (classes or built instances) reads the teacher's logits or hidden states."""
+    return any(t.needs_teacher_logits or t.needs_teacher_hidden for t in terms)
+
+
+def reads_teacher_hidden(terms) -> bool:
+    """Whether any of these terms (classes or built instances) reads the teacher's hidden states."""
+    return any(t.needs_teacher_hidden for t in terms)
+
+
 def get_loss_term(name: str) -> type[LossTerm]:
     """The registered loss-term class called ``name``; ConfigError listing the valid names otherwise."""
     try:
