@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from flexkd.data import load_split, raise_for_failures
 from flexkd.data.generation import (

@@ -4,7 +4,6 @@ come from explicit numpy loops or hand computation, never from the function unde
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
