@@ -13,7 +13,14 @@ Variants (``--variants``, default all):
 - ``order:score``: the random-init student's unit i paired with the i-th best unit instead of the i-th by index
   (not run for a pruned student: it is always paired in index order, its units being the teacher's);
 - ``loss:barlow``, ``loss:mse``: the other Flex-KD losses;
-- ``layers:matched``: the term also on every student layer against its teacher layer (the teacher runs online).
+- ``layers:matched``: the term also on every student layer against its teacher layer (the teacher runs online);
+- ``positions:head``: classification: the feature term compares only the position the classification head reads
+  (BERT: [CLS]) instead of every token: the only last-layer position the task loss, and so the relevance scores,
+  depend on.
+
+``--method`` (default flexkd) trains another feature method instead (projector, cka), with the variants that concern
+it (``base``, ``positions:head``), so that a variant that helps Flex-KD can be checked against the baselines under
+the same change.
 
 The shared stages (prepare, teacher, relevance, cache) run once (``benchmarks.tune.run_shared``; the tuning
 workspace of the same profile is reused with ``--base-dir``); a variant that changes the relevance
@@ -44,30 +51,35 @@ VARIANTS = {
     "loss:barlow": {"distill.flexkd_loss": "barlow"},
     "loss:mse": {"distill.flexkd_loss": "mse"},
     "layers:matched": {"distill.flexkd_layers": "matched"},
+    "positions:head": {"distill.feature_positions": "head"},
 }
+ANY_METHOD = ("base", "positions:head")  # the variants that concern every feature method, not Flex-KD alone
 
 
-def with_tuning(raw: dict, tuning: dict | None) -> dict:
-    """``raw`` with the tuned flexkd settings of every student in ``tuning`` (a benchmarks/tune.py result)."""
+def with_tuning(raw: dict, tuning: dict | None, method: str = "flexkd") -> dict:
+    """``raw`` with the tuned ``method`` settings of every student in ``tuning`` (a benchmarks/tune.py result)."""
     from benchmarks.tune import with_settings
 
     for key, block in ((tuning or {}).get("results") or {}).items():
-        student, method = key.split("/")
-        if method == "flexkd" and student in raw["students"]:
-            raw = with_settings(raw, student, method, block["pick"]["settings"])
+        student, tuned = key.split("/")
+        if tuned == method and student in raw["students"]:
+            raw = with_settings(raw, student, tuned, block["pick"]["settings"])
     return raw
 
 
-def applies(name: str, student: dict) -> bool:
-    """order:score means nothing to a pruned student (its unit i is teacher unit sorted(S)[i] whatever the order)."""
+def applies(name: str, student: dict, method: str = "flexkd") -> bool:
+    """order:score means nothing to a pruned student (its unit i is teacher unit sorted(S)[i] whatever the order);
+    a method other than flexkd gets only the variants that concern it (``ANY_METHOD``)."""
+    if method != "flexkd" and name not in ANY_METHOD:
+        return False
     return not (name == "order:score" and student.get("init") == "prune")
 
 
-def variant_params(raw: dict, name: str, students: list[str]) -> dict:
+def variant_params(raw: dict, name: str, students: list[str], method: str = "flexkd") -> dict:
     from flexkd.config import set_dotted
 
     out = json.loads(json.dumps(raw))
-    out["distill"]["students"], out["distill"]["methods"] = list(students), ["flexkd"]
+    out["distill"]["students"], out["distill"]["methods"] = list(students), [method]
     for key, value in VARIANTS[name].items():
         set_dotted(out, key, value)
     return out
@@ -109,17 +121,18 @@ def relevance_root(base: Path, params: dict) -> Path:
     return root
 
 
-def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
-    """Train the flexkd student ``student`` under variant ``name``; its record (reused when it finished before)."""
+def run_variant(base: Path, raw: dict, name: str, student: str, method: str = "flexkd") -> dict:
+    """Train the ``method`` student ``student`` under variant ``name``; its record (reused when it finished before)."""
     from benchmarks.tune import OutputPaths, drop_scratch
     from flexkd import stages
     from flexkd.config import parse_config
     from flexkd.project import Paths, read_json, write_json
     from flexkd.tasks import task_for
 
-    params = variant_params(raw, name, [student])
+    params = variant_params(raw, name, [student], method)
     seed = params["project"]["seed"]
-    record_path = base / "ablation" / "records" / f"{name.replace(':', '-')}-{student}-seed{seed}.json"
+    label = student if method == "flexkd" else f"{student}-{method}"  # flexkd's records keep their earlier names
+    record_path = base / "ablation" / "records" / f"{name.replace(':', '-')}-{label}-seed{seed}.json"
     if record_path.exists():
         record = read_json(record_path)
         if record.get("params") == params:
@@ -129,10 +142,10 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
     paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
     began = time.perf_counter()
     directory = base / "ablation" / name.replace(":", "-")
-    out = stages.distill(cfg, OutputPaths(paths, directory), task_for(cfg), student, "flexkd")
-    drop_scratch(root, cfg, student, "flexkd")
+    out = stages.distill(cfg, OutputPaths(paths, directory), task_for(cfg), student, method)
+    drop_scratch(root, cfg, student, method)
     shutil.rmtree(directory / student, ignore_errors=True)  # the score is what an ablation keeps
-    record = {"variant": name, "student": student, "params": params, "validation": out["scores"],
+    record = {"variant": name, "student": student, "method": method, "params": params, "validation": out["scores"],
               "best_step": out["summary"]["best_step"],
               "teacher_outputs": out["summary"]["teacher_outputs"], "seconds": round(time.perf_counter() - began, 1)}
     write_json(record_path, record)
@@ -140,7 +153,7 @@ def run_variant(base: Path, raw: dict, name: str, student: str) -> dict:
 
 
 def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str], work: Path,
-           base_dir: Path | None = None) -> dict:
+           base_dir: Path | None = None, method: str = "flexkd") -> dict:
     from benchmarks.tune import run_shared
     from flexkd.config import parse_config
     from flexkd.train import set_threads
@@ -160,11 +173,11 @@ def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str]
         seeded["project"]["seed"] = seed
         for name in variants:
             for student in students:
-                if not applies(name, seeded["students"][student]):
+                if not applies(name, seeded["students"][student], method):
                     continue
-                record = run_variant(base, seeded, name, student)
+                record = run_variant(base, seeded, name, student, method)
                 scores[name][student][seed] = record["validation"][metric]
-                print(f"seed {seed} {name} {student}/flexkd: validation {metric} {record['validation'][metric]:.4f} "
+                print(f"seed {seed} {name} {student}/{method}: validation {metric} {record['validation'][metric]:.4f} "
                       f"({record['seconds']:.0f}s)")
     table = {}
     for name in variants:
@@ -178,18 +191,21 @@ def ablate(raw: dict, seeds: list[int], students: list[str], variants: list[str]
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "minus_base": statistics.fmean(diffs), "minus_base_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
     return {"task": raw["data"]["task"], "primary_metric": metric, "seeds": list(seeds), "students": list(students),
-            "teacher_seed": raw["project"]["seed"],
-            "variants": {v: VARIANTS[v] for v in variants}, "table": table,
+            "teacher_seed": raw["project"]["seed"], "method": method,
+            "variants": {v: VARIANTS[v] for v in variants if applies(v, {}, method)}, "table": table,
             "budget": {"data.max_train": raw["data"].get("max_train"), "distill.train.epochs": raw["distill"]["train"]["epochs"]}}
 
 
 def render(result: dict) -> str:
     metric = result["primary_metric"]
     students = result["students"]
-    lines = [f"`python -m benchmarks.ablate` ({result['task']}, the flexkd student, student seeds "
-             f"{', '.join(map(str, result['seeds']))} with the teacher of seed {result.get('teacher_seed', '?')}; budget: " + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
-             + f"{'; tuned flexkd settings from ' + result['tuning'] if result.get('tuning') else ''}): validation "
-             f"{metric} × 100, mean ± std over seeds, and Δ against `base` paired by seed.", "",
+    method = result.get("method", "flexkd")
+    tuned = f"; tuned {method} settings from {result['tuning']}" if result.get("tuning") else ""
+    budget = ", ".join(f"{k} {v}" for k, v in result["budget"].items())
+    lines = [f"`python -m benchmarks.ablate` ({result['task']}, the {method} student, student seeds "
+             f"{', '.join(map(str, result['seeds']))} with the teacher of seed {result.get('teacher_seed', '?')}; "
+             f"budget: {budget}{tuned}): validation {metric} × 100, mean ± std over seeds, and Δ against `base` paired "
+             "by seed.", "",
              "| variant | " + " | ".join(f"{s} | Δ {s}" for s in students) + " |",
              "|---|" + "---:|---:|" * len(students)]
     for name, overrides in result["variants"].items():
@@ -209,25 +225,31 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Flex-KD's open choices, each against validation.")
     add_profile_args(parser)
-    parser.add_argument("--tuning", default=None, help="a benchmarks/tune.py result: use its flexkd picks")
+    parser.add_argument("--tuning", default=None, help="a benchmarks/tune.py result: use its picks for the method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="the students' seeds")
     parser.add_argument("--students", nargs="+", default=None, help="default: the profile's distill.students")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
+    parser.add_argument("--method", default="flexkd", choices=["flexkd", "projector", "cka"],
+                        help="the feature method the variants train (default flexkd; the others get base and "
+                             "positions:head)")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "ablation"))
     parser.add_argument("--base-dir", default=None, metavar="DIR",
                         help="the shared stages are in DIR (e.g. the tuning workspace of the same profile)")
-    parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json (in BENCHMARKS.md)")
+    parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json, "
+                        "ablation-<task>-<method>.json for another method (in BENCHMARKS.md)")
     args = parser.parse_args(argv)
     raw = read_profile(parser, args)
     tuning = json.loads(Path(args.tuning).read_text()) if args.tuning else None
-    raw = with_tuning(raw, tuning)
+    raw = with_tuning(raw, tuning, args.method)
     students = args.students or raw["distill"]["students"]
     result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir),
-                    Path(args.base_dir) if args.base_dir else None)
+                    Path(args.base_dir) if args.base_dir else None, method=args.method)
     result["tuning"] = args.tuning and Path(args.tuning).name
     from benchmarks.run import write_result
 
-    write_result("ablation", result, args.output)
+    output = args.output or (None if args.method == "flexkd" else  # flexkd's keeps its earlier name
+                             str(REPO / "benchmarks" / f"ablation-{result['task']}-{args.method}.json"))
+    write_result("ablation", result, output)
     print(render(result))
     return 0
 

@@ -400,12 +400,15 @@ class IndexedCollate:
 
 
 def cached_distillation_loss(cache: TeacherCache, objective: torch.nn.Module, feature_mask: Callable[[dict], torch.Tensor],
-                             vocab: int | None = None):
+                             vocab: int | None = None, compare_mask: Callable[[dict], torch.Tensor] | None = None):
     """Like ``train.distillation_loss`` but the teacher's outputs come from ``cache`` (no teacher forward).
 
     Called as ``loss_fn(model, batch)``; batches come from an ``IndexedCollate``. ``objective`` must be built with
     ``teacher_hidden = cache.width`` and, for Flex-KD, ``selected_units = cache.positions(units)``.
+    ``feature_mask``: the positions the cache holds; ``compare_mask`` (default: the same): the positions, among
+    those, whose hidden states the feature terms compare (``distill.feature_positions``).
     """
+    compare_mask = compare_mask or feature_mask
     needs_hidden = bool(getattr(objective, "needs_teacher_hidden", False))
 
     def step(model, batch: dict):
@@ -421,7 +424,7 @@ def cached_distillation_loss(cache: TeacherCache, objective: torch.nn.Module, fe
             student_logits=out.logits,
             student_hidden=out.hidden_states[-1] if needs_hidden else None,
             labels=batch["labels"],
-            feature_mask=mask,
+            feature_mask=mask if compare_mask == feature_mask else compare_mask(batch) & mask.bool(),
             teacher_logits=teacher_logits,
             teacher_hidden=teacher_hidden,
         )

@@ -330,6 +330,14 @@ class DistillConfig(_Strict):
         "the cache holding the last layer only). In a method with such a selected-units term, matched applies to "
         "every feature term of the method.",
     )
+    feature_positions: Literal["tokens", "head"] = Field(
+        "tokens",
+        description="Classification: the positions whose hidden states the feature terms (flexkd, projector, cka) "
+        "compare: tokens (every non-pad token, as the method specifies) or head (only the position the "
+        "classification head reads: the first token of an encoder such as BERT, the last non-pad token of a "
+        "decoder; the only last-layer position the task loss, and so the relevance scores, depend on). "
+        "Generation always compares the response tokens (head is refused there).",
+    )
     barlow_lambda_off: float = Field(
         5e-3, ge=0,
         description="Off-diagonal weight of the barlow variant, relative to its diagonal term as in Barlow Twins "
@@ -496,6 +504,11 @@ class FlexKDConfig(_Strict):
                             f"teacher's probabilities at distill.temperature ({self.distill.temperature}); drop the "
                             "override or set teacher_cache.enabled: false"
                         )
+        if generative and self.distill.feature_positions != "tokens":
+            raise ValueError(
+                f"distill.feature_positions: {self.distill.feature_positions!r} is for classification; a generation "
+                "task compares the response tokens: set it to tokens"
+            )
         if generative and self.teacher_cache.enabled and self.distill.teacher_top_k is None:
             raise ValueError(
                 "teacher_cache.enabled: a generation cache stores top-k teacher logits; set distill.teacher_top_k "

@@ -200,7 +200,7 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
         online = teacher if objective.needs_teacher else None
         if online is not None:
             runtime.frozen(online)
-        loss_fn = distillation_loss(model, online, objective, task.feature_mask)
+        loss_fn = distillation_loss(model, online, objective, task.compare_mask(model))
         train_data, train_collate = train, collate
         outputs = "online" if online is not None else "none"
     else:  # the same objective over the cached columns: Flex-KD's pairing is remapped into the cache
@@ -208,7 +208,8 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
                                      selected_units=cache.positions(units) if spec.reads_selected_units else None,
                                      **objective_args)
         loss_fn = cached_distillation_loss(cache, objective, task.feature_mask,
-                                           vocab=len(tokenizer) if task.is_generation else None)
+                                           vocab=len(tokenizer) if task.is_generation else None,
+                                           compare_mask=task.compare_mask(model))
         train_data, train_collate = IndexedCollate.index(train), IndexedCollate(collate)
         online, outputs = None, "cache"
     objective.to(runtime.device)

@@ -42,6 +42,44 @@ def _num_layers(model) -> int:
     raise ConfigError(f"cannot tell the number of layers of {type(model).__name__}")
 
 
+# Encoder families whose sequence-classification head reads the first token ([CLS] / <s>).
+FIRST_TOKEN_HEADS = ("albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+                     "megatron-bert", "mpnet", "nezha", "rembert", "roberta", "roberta-prelayernorm", "xlm-roberta")
+
+
+def head_position(model) -> str:
+    """``first`` or ``last``: which non-pad position the classification head of ``model`` reads.
+
+    Encoders of ``FIRST_TOKEN_HEADS`` pool the first token; decoder-only models (a causal-LM family in transformers,
+    e.g. GPT-2, Llama) the last non-pad token. Anything else (mean pooling, e.g. ModernBERT) has no single head
+    position: ConfigError.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in FIRST_TOKEN_HEADS:
+        return "first"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "last"
+    raise ConfigError(
+        f"distill.feature_positions: head: cannot tell which position the classification head of a {model_type!r} "
+        f"model reads (known: first token for {', '.join(FIRST_TOKEN_HEADS)}; last non-pad token for decoder-only "
+        "models); set distill.feature_positions: tokens"
+    )
+
+
+def head_mask(attention_mask: torch.Tensor, side: str) -> torch.Tensor:
+    """(B, T) bool: true at each row's first (``side='first'``) or last (``'last'``) non-pad position."""
+    mask = attention_mask.bool()
+    if mask.dim() != 2 or not bool(mask.any(dim=1).all()):
+        raise ConfigError(f"head_mask: attention_mask must be (B, T) with a non-pad token in every row; got {tuple(mask.shape)}")
+    width = mask.shape[1]
+    index = mask.int().argmax(dim=1) if side == "first" else width - 1 - mask.flip(1).int().argmax(dim=1)
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0], device=mask.device), index] = True
+    return out
+
+
 class Task:
     """Shared behaviour; subclasses fill in the format-specific parts."""
 
@@ -81,6 +119,12 @@ class Task:
             dropped["test"] += [int(r) for r in test.loc[overlap, "source_row"]]
             kept["test"] = test[[not o for o in overlap]].reset_index(drop=True)
         return kept, dropped
+
+    # -- compared positions ------------------------------------------------------------------------------
+    def compare_mask(self, model) -> Callable[[dict], torch.Tensor]:
+        """The positions whose hidden states the feature terms compare, for ``model`` (the student): by default
+        the positions the teacher cache holds (``feature_mask``)."""
+        return self.feature_mask
 
     # -- students ----------------------------------------------------------------------------------------
     def build_student(self, teacher, scfg: StudentConfig, *, seed: int, selected_units: list[int], calibration=None):
@@ -188,6 +232,14 @@ class ClassificationTask(Task):
 
     def feature_mask(self, batch: dict) -> torch.Tensor:
         return batch["attention_mask"]
+
+    def compare_mask(self, model) -> Callable[[dict], torch.Tensor]:
+        """Every non-pad token (``distill.feature_positions: tokens``), or only the position the classification
+        head of ``model`` reads (``head``)."""
+        if self.cfg.distill.feature_positions == "tokens":
+            return self.feature_mask
+        side = head_position(model)
+        return lambda batch: head_mask(batch["attention_mask"], side)
 
     # -- scores ---------------------------------------------------------------------------------------
     def validation_scores(self, model, features, collate) -> dict[str, float]:

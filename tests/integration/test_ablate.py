@@ -81,3 +81,25 @@ def test_a_rerun_reuses_the_records_and_a_foreign_base_dir_is_refused(ablated, c
     with pytest.raises(SystemExit, match="not a workspace of these params \\(differs in: teacher\\)"):
         ablate.main(["--params", str(root / "other.yaml"), "--seeds", "42", "--variants", "loss:mse",
                      "--base-dir", str(root / "work" / "sst2-seed42"), "--output", str(root / "other.json")])
+
+
+def test_another_feature_method_gets_the_variants_that_concern_it(ablated):
+    """--method projector: base and positions:head (the Flex-KD-only variants are not run), in records of its own,
+    on the same shared stages; positions:head compares the [CLS] rows only and so trains another student."""
+    from benchmarks import ablate
+
+    root, _, _, _ = ablated
+    output = root / "ablation-projector.json"
+    argv = ["--params", str(root / "params.yaml"), "--seeds", "42", "--students", "random", "--method", "projector",
+            "--variants", "positions:head", "loss:mse", "--work-dir", str(root / "work"), "--output", str(output)]
+    assert ablate.main(argv) == 0
+    result = json.loads(output.read_text())
+    assert result["method"] == "projector" and list(result["variants"]) == ["base", "positions:head"]
+    assert set(result["table"]) == {"base/random", "positions:head/random"}
+    records = root / "work" / "sst2-seed42" / "ablation" / "records"
+    base = json.loads((records / "base-random-projector-seed42.json").read_text())
+    head = json.loads((records / "positions-head-random-projector-seed42.json").read_text())
+    assert base["method"] == head["method"] == "projector" and base["params"]["distill"]["methods"] == ["projector"]
+    assert head["params"]["distill"]["feature_positions"] == "head"
+    assert head["validation"] != base["validation"] or head["best_step"] != base["best_step"]
+    assert "the projector student" in ablate.render(result)
