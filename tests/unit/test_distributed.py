@@ -239,6 +239,6 @@ def test_a_pickled_model_returns_its_hidden_states_in_a_fresh_process(tmp_path):
                           env=launch_env(1), capture_output=True, text=True)
     changed = "transformers' output capturing changed: see the comment above flexkd.launch._output_collector"
     assert done.returncode == 0, f"{changed}\n{done.stderr[-3000:]}"
-    hidden = torch.load(tmp_path / "hidden.pt")
+    hidden = torch.load(tmp_path / "hidden.pt", weights_only=True)
     assert len(hidden) == len(expected) == 3, changed
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(hidden, expected))
