@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cli import add_profile_args, read_profile
+from benchmarks.cli import add_profile_args, add_teacher_from, read_profile
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -76,7 +76,7 @@ def applies(name: str, student: dict, method: str = "flexkd") -> bool:
 
 
 def variant_params(raw: dict, name: str, students: list[str], method: str = "flexkd") -> dict:
-    from flexkd.config import set_dotted
+    from flexkd.overrides import set_dotted
 
     out = json.loads(json.dumps(raw))
     out["distill"]["students"], out["distill"]["methods"] = list(students), [method]
@@ -237,13 +237,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="the shared stages are in DIR (e.g. the tuning workspace of the same profile)")
     parser.add_argument("--output", default=None, help="default: benchmarks/ablation-<task>.json, "
                         "ablation-<task>-<method>.json for another method (in BENCHMARKS.md)")
+    add_teacher_from(parser)
     args = parser.parse_args(argv)
     raw = read_profile(parser, args)
     tuning = json.loads(Path(args.tuning).read_text()) if args.tuning else None
     raw = with_tuning(raw, tuning, args.method)
     students = args.students or raw["distill"]["students"]
-    result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir),
-                    Path(args.base_dir) if args.base_dir else None, method=args.method)
+    base_dir = Path(args.base_dir) if args.base_dir else None
+    if args.teacher_from:
+        from benchmarks.tune import adopt_shared
+
+        base_dir = base_dir or Path(args.work_dir) / f"{raw['data']['task']}-seed{raw['project']['seed']}"
+        adopt_shared(base_dir, raw, Path(args.teacher_from))
+    result = ablate(raw, args.seeds, students, args.variants, Path(args.work_dir), base_dir, method=args.method)
     result["tuning"] = args.tuning and Path(args.tuning).name
     from benchmarks.run import write_result
 

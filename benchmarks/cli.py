@@ -21,6 +21,14 @@ def add_profile_args(parser: argparse.ArgumentParser, default_params: str | Path
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 
+def add_teacher_from(parser: argparse.ArgumentParser) -> None:
+    """``--teacher-from WORKSPACE``: reuse a finished run's teacher (``benchmarks.tune.adopt_shared``)."""
+    parser.add_argument("--teacher-from", default=None, metavar="WORKSPACE",
+                        help="reuse the prepared data, tuned teacher, relevance index and teacher cache of a finished "
+                             "run of the same profile and seed (a project, or a benchmarks.run workspace such as "
+                             "benchmarks/work/sst2-bench-seed42) instead of running those stages again")
+
+
 def overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """The ``--set`` items as ``{dotted key: value}``; a malformed one is a usage error (exit status 2)."""
     from flexkd.errors import ConfigError

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cli import add_profile_args, read_profile, work_dir
+from benchmarks.cli import add_profile_args, add_teacher_from, read_profile, work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,13 +116,22 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     return {"task": cfg.data.task, "seed": cfg.project.seed, "student": student, "method": method, "steps": steps,
             "batch_size": cfg.distill.train.batch_size, "score": "validation NLL" if generation else f"validation {metric}",
             "lower_is_better": generation, "teacher_parameters": teacher_params, "max_ratio": max_ratio,
+            "vocabulary": cfg.student(student).vocabulary,
             "rows": rows, "pick": best}
+
+
+def vocabulary_note(result: dict) -> str:
+    if result.get("vocabulary", "full") == "full":
+        return ""
+    return (", then cut to the training split's tokens (`vocabulary: train`: the parameters are those of the student "
+            "as saved)")
 
 
 def render(result: dict) -> str:
     lines = [f"`python -m benchmarks.curve` ({result['task']}, seed {result['seed']}): pruned `{result['student']}` "
              f"students trained with {result['method']} for {result['steps']} steps of {result['batch_size']} from the "
-             f"teacher cache; {result['score']} ({'lower' if result['lower_is_better'] else 'higher'} is better). The "
+             f"teacher cache{vocabulary_note(result)}; {result['score']} "
+             f"({'lower' if result['lower_is_better'] else 'higher'} is better). The "
              f"teacher has {result['teacher_parameters'] / 1e6:.1f}M parameters.", "",
              "| width | depth | heads | parameters | share of the teacher's | " + result["score"] + " | seconds |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -147,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ratio", type=float, default=0.5, help="largest share of the teacher's parameters")
     parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/curve-<task>-seed<seed>")
     parser.add_argument("--output", default=None, help="default: benchmarks/curve-<task>.json (in BENCHMARKS.md)")
+    add_teacher_from(parser)
     args = parser.parse_args(argv)
     raw = read_profile(parser, args)
+    if args.teacher_from:
+        from benchmarks.tune import adopt_shared
+
+        adopt_shared(work_dir(args, raw, "curve"), raw, Path(args.teacher_from))
     result = curve(raw, work_dir(args, raw, "curve"), args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
     from benchmarks.run import write_result
 

@@ -203,11 +203,10 @@ def path_check(device: str, precision: str, tiny: bool, work: Path) -> dict:
             students[method] = {"teacher_outputs": setup.teacher_outputs, "validation": out["scores"]}
         from flexkd.models import load_tokenizer
 
-        tokenizer = load_tokenizer(str(paths.teacher))
         t = time.perf_counter()
         for name, directory in [("teacher", paths.teacher)] + [(m, paths.student("pruned", m)) for m in students]:
             model = task.load_model(str(directory)).to(runtime.device)
-            scores, predictions = task.test_scores(model, tokenizer, paths.prepared)
+            scores, predictions = task.test_scores(model, load_tokenizer(str(directory)), paths.prepared)  # its own
             (students[name] if name in students else teacher).update(test=scores, sample=predictions[0] if predictions else "")
         results["stages"]["evaluate"] = round(time.perf_counter() - t, 2)
     results["seconds"] = round(time.perf_counter() - began, 1)

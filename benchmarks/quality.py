@@ -49,7 +49,7 @@ def params_for(profile: str | Path, seed: int, overrides: dict | None = None) ->
     path = Path(profile) if str(profile).endswith(".yaml") else REPO / "profiles" / f"{profile}.yaml"
     params = yaml.safe_load(path.read_text())
     params.setdefault("project", {})["seed"] = int(seed)
-    from flexkd.config import set_dotted
+    from flexkd.overrides import set_dotted
 
     for dotted, value in (overrides or {}).items():
         set_dotted(params, dotted, value)

@@ -80,11 +80,9 @@ def run_workspace(root: Path, raw: dict, students: list[str], methods: list[str]
             out = timed(f"distill/{student}/{method}", stages.distill, cfg, paths, task, student, method)
             students_out[f"{student}/{method}"] = {"train_seconds": out["summary"]["train_seconds"],
                                                    "epochs": cfg.distill.train.epochs, "validation": out["scores"]}
-    tokenizer = load_tokenizer(str(paths.teacher))
-
     def test(directory):
         model = task.load_model(str(directory)).to(task.runtime.device)
-        return task.test_scores(model, tokenizer, paths.prepared)[0]
+        return task.test_scores(model, load_tokenizer(str(directory)), paths.prepared)[0]  # the model's own tokenizer
 
     result = {
         "params": raw, "runtime": task.runtime.describe(), "wall_seconds": wall,

@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cli import add_profile_args, overrides, read_profile, work_dir
+from benchmarks.cli import add_profile_args, add_teacher_from, overrides, read_profile, work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DIMENSIONS = ("lr", "alpha", "temperature", "feature_weight")
 LR_DECADES = 0.75  # the learning rate spans the student's lr x 10^[-0.75, 0.75]
 # Keys the trials never change: the shared stages (prepare, teacher, relevance, cache) are reused while they hold.
 TUNED_STUDENT_KEYS = ("per_method", "lr", "alpha", "feature_weight")
+DISTILL_ONLY_STUDENT_KEYS = TUNED_STUDENT_KEYS + ("vocabulary",)  # student keys no shared stage reads
 
 
 def dims_of(method: str, composed: dict | None = None) -> tuple[str, ...]:
@@ -70,9 +71,9 @@ def settings_for(point: dict[str, float] | None, method: str, base_lr: float,
 
 
 def shared_key(raw: dict) -> dict:
-    """The params the shared stages depend on (everything but the tuned keys)."""
+    """The params the shared stages depend on (everything but the tuned keys and the distill stage's own)."""
     key = {name: value for name, value in raw.items() if name != "distill"}
-    key["students"] = {name: {k: v for k, v in spec.items() if k not in TUNED_STUDENT_KEYS}
+    key["students"] = {name: {k: v for k, v in spec.items() if k not in DISTILL_ONLY_STUDENT_KEYS}
                        for name, spec in raw.get("students", {}).items()}
     distill = raw.get("distill", {})
     key["distill"] = {k: distill.get(k) for k in ("students", "methods", "temperature", "teacher_top_k")}
@@ -119,6 +120,51 @@ def run_shared(root: Path, raw: dict, must_match: bool = False):
     record = {"key": key, "teacher_validation": teacher["validation"],
               "seconds": round(time.perf_counter() - began, 1)}
     write_json(done, record)
+    return record
+
+
+def adopt_shared(root: Path, raw: dict, workspace: Path) -> dict:
+    """Make ``root`` reuse the shared stages' outputs of a finished run instead of running them again: ``workspace``
+    is a project or ``benchmarks.run`` workspace whose ``dvc repro`` finished (its params.yaml, prepared data, tuned
+    teacher, relevance index and teacher cache). Its params must equal ``raw`` on every key those stages read
+    (``shared_key``: the seed too), else nothing is linked and the keys that differ are named. The outputs are
+    linked, not copied; ``shared.json`` records where they came from, so ``run_shared`` finds them done."""
+    import yaml
+
+    from flexkd.config import parse_config
+    from flexkd.project import Paths, read_json, write_json
+
+    workspace = Path(workspace).resolve()
+    params_file = workspace / "params.yaml"
+    if not params_file.is_file():
+        raise SystemExit(f"--teacher-from {workspace}: no params.yaml there (give a project or benchmark workspace "
+                         "whose dvc repro finished)")
+    key, theirs = shared_key(raw), shared_key(yaml.safe_load(params_file.read_text(encoding="utf-8")) or {})
+    differs = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
+    if differs:
+        raise SystemExit(f"--teacher-from {workspace}: its params.yaml differs from this profile in "
+                         f"{', '.join(differs)}: its teacher is not this profile's (give the profile, seed and --set "
+                         "overrides it ran with)")
+    cfg = parse_config(raw, source=str(params_file))
+    mine, source = (Paths(r, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir) for r in (Path(root), workspace))
+    names = ["prepared", "teacher", "relevance"] + (["teacher_cache"] if cfg.teacher_cache.enabled else [])
+    missing = [str(getattr(source, n)) for n in names if not getattr(source, n).is_dir()]
+    if missing or not (source.teacher / "flexkd_teacher.json").exists():
+        raise SystemExit(f"--teacher-from {workspace}: its run has not finished these stages: "
+                         f"{', '.join(missing) or str(source.teacher / 'flexkd_teacher.json')} (run dvc repro there first)")
+    done = Path(root) / "shared.json"
+    if done.exists() and read_json(done).get("adopted_from") == str(workspace) and read_json(done).get("key") == key:
+        return read_json(done)
+    if Path(root).exists():
+        shutil.rmtree(root)
+    for name in names:
+        link = getattr(mine, name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(getattr(source, name), target_is_directory=True)
+    record = {"key": key, "teacher_validation": read_json(source.teacher / "flexkd_teacher.json").get("validation"),
+              "seconds": 0.0, "adopted_from": str(workspace)}
+    write_json(done, record)
+    print(f"{root}: prepared data, teacher, relevance index and cache of {workspace}")
     return record
 
 
@@ -196,7 +242,7 @@ def test_score(root: Path, raw: dict, student: str, method: str, trial: int) -> 
     task = task_for(cfg)
     directory = trial_dir(root, trial, student, method)
     model = task.load_model(str(directory)).to(task.runtime.device)
-    return task.test_scores(model, load_tokenizer(str(paths.teacher)), paths.prepared)[0]
+    return task.test_scores(model, load_tokenizer(str(directory)), paths.prepared)[0]  # the student's own tokenizer
 
 
 def tune(raw: dict, root: Path, students: list[str], methods: list[str], trials: int, keep_all: bool = False) -> dict:
@@ -287,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/tune-<task>-seed<seed>")
     parser.add_argument("--output", default=None, help="default: benchmarks/tuning-<task>.json (in BENCHMARKS.md)")
     parser.add_argument("--keep-all", action="store_true", help="keep every trial's student, not only the picks")
+    add_teacher_from(parser)
     args = parser.parse_args(argv)
     raw = read_profile(parser, args)
     students = args.students or raw["distill"]["students"]
     methods = args.methods or raw["distill"]["methods"]
+    if args.teacher_from:
+        adopt_shared(work_dir(args, raw, "tune"), raw, Path(args.teacher_from))
     result = tune(raw, work_dir(args, raw, "tune"), students, methods, args.trials, keep_all=args.keep_all)
     result["params"] = str(args.params)
     result["overrides"] = overrides(parser, args)

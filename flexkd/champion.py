@@ -11,6 +11,7 @@ run. The stage flows (``flows/evaluate.py``, ``flows/register.py``) and ``python
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from flexkd.config import FlexKDConfig
 from flexkd.evaluate import TEST_METRICS
@@ -29,8 +30,9 @@ def _score_all(cfg: FlexKDConfig, paths: Paths, task, tracking) -> tuple[dict, d
 
     def score(directory, name):
         model = task.load_model(str(directory)).to(task.runtime.device)  # evaluated under the runtime's autocast
+        own = tokenizer if Path(directory) == Path(paths.teacher) else load_tokenizer(str(directory))  # as deployed
         with resources.compute():
-            scores, predictions = task.test_scores(model, tokenizer, paths.prepared)
+            scores, predictions = task.test_scores(model, own, paths.prepared)
         outputs[name] = predictions
         return {**scores, "parameters": count_parameters(model)}
 
@@ -191,7 +193,9 @@ def champion_card(cfg: FlexKDConfig, paths: Paths, evaluation: dict, selection) 
         student={"name": student_name, **cfg.student(student_name).model_dump(exclude_none=True),
                  "parameters": best["parameters"], "weights_hash": student_info["weights_hash"],
                  **({"pruning": {k: student_info["pruning"][k] for k in ("layers", "parameter_ratio")}}
-                    if "pruning" in student_info else {})},
+                    if "pruning" in student_info else {}),
+                 **({"vocabulary_kept": "{tokens_kept} of {tokens_before} tokens (those of the training split)".format(
+                     **student_info["vocabulary"])} if "vocabulary" in student_info else {})},
         data={"prepared": str(paths.prepared.relative_to(paths.root)), "rows": manifest["rows"],
               "fingerprint": manifest["fingerprint"], "sources": manifest["sources"]},
         method=method, loss_weights=loss_weights(cfg, method, student_info),

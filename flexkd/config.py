@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -243,6 +243,8 @@ class StudentConfig(_Strict):
     prune_importance: Literal["activations", "weights"] = Field(
         "activations", description="prune: rank heads and MLP channels by mean |activation| on training data, or by weight norms."
     )
+    vocabulary: Literal["full", "train"] = Field("full", description="train: once trained, keep only the training split's "
+        "tokens and the special tokens (word embedding and tokenizer cut to them; WordPiece classifiers: flexkd/vocabulary.py).")
     alpha: float | None = Field(None, ge=0, le=1, description="Override of distill.alpha for this student.")
     lr: float | None = Field(None, gt=0, lt=1, description="Override of distill.train.lr (a pruned student starts trained: it wants a smaller one).")
     feature_weight: "FeatureWeights | None" = Field(None, description="Override of distill.feature_weight for this student.")
@@ -489,6 +491,9 @@ class FlexKDConfig(_Strict):
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"students.{name}: names may hold letters, digits, '-' and '_' only")
             self._check_per_method(name)
+            if self.data.is_generation and self.students[name].vocabulary != "full":
+                raise ValueError(f"students.{name}.vocabulary: train is for classification students (a generation "
+                                 "student predicts tokens from the whole vocabulary): set it to full")
         sizes = {self.students[n].hidden_size for n in self.distill.students}
         if len(sizes) > 1:
             raise ValueError(
@@ -553,23 +558,6 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key (check the spelling; see flexkd/config.py for the schema)"
         lines.append(f"  - {key}: {msg}" + (f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and not isinstance(item.get("input"), dict) else ""))
     return "\n".join(lines)
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set a dotted key (``distill.train.epochs``) in a params tree, creating groups; parse_config checks it."""
-    parts = key.split(".") if isinstance(key, str) else []
-    if not parts or any(not part.strip() for part in parts):
-        raise ConfigError(f"overrides: {key!r} is not a dotted parameter key such as 'distill.train.epochs'")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part) if isinstance(node, Mapping) else None
-        if child is None:
-            node[part] = child = {}  # an unknown group: parse_config names it below
-        if not isinstance(child, Mapping):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"overrides: {key}: {where} is a value ({child!r}), not a group of parameters")
-        node = child
-    node[parts[-1]] = value
 
 
 def parse_config(raw: dict[str, Any], source: str = "params") -> FlexKDConfig:

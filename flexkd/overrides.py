@@ -3,7 +3,7 @@
 
 ``apply_profile_and_overrides`` copies ``profiles/<name>.yaml`` over ``params.yaml`` and sets dotted keys in it
 (comments kept), validated by :func:`flexkd.config.parse_config` before anything is written: a wrong key or
-value leaves ``params.yaml`` as it was. ``set_dotted`` (in :mod:`flexkd.config`) sets one key in a params tree.
+value leaves ``params.yaml`` as it was. ``set_dotted`` sets one key in a params tree.
 """
 
 from __future__ import annotations
@@ -13,11 +13,28 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from flexkd.config import parse_config, set_dotted
+from flexkd.config import parse_config
 from flexkd.errors import ConfigError
 from flexkd.provenance import atomic_write_text
 
 __all__ = ["apply_profile_and_overrides", "available_profiles", "load_profile", "parse_set", "set_dotted"]
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set a dotted key (``distill.train.epochs``) in a params tree, creating groups; parse_config checks it."""
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or any(not part.strip() for part in parts):
+        raise ConfigError(f"overrides: {key!r} is not a dotted parameter key such as 'distill.train.epochs'")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, Mapping) else None
+        if child is None:
+            node[part] = child = {}  # an unknown group: parse_config names it below
+        if not isinstance(child, Mapping):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"overrides: {key}: {where} is a value ({child!r}), not a group of parameters")
+        node = child
+    node[parts[-1]] = value
 
 
 def available_profiles(root: Path) -> list[str]:

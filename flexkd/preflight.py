@@ -15,7 +15,9 @@ point at, and would otherwise surface minutes later, after the teacher was fine-
 - a pruned student asks for more layers, heads or MLP channels than the teacher has
   (``students.<name>.num_layers`` / ``prune_layers`` / ``num_heads`` / ``intermediate_size``);
 - a student loaded from a path (``init: path``) has another tokenizer than the teacher, or another hidden size
-  (``students.<name>.path``).
+  (``students.<name>.path``);
+- a student whose vocabulary is to be cut to the training split's tokens has a tokenizer that cannot be cut
+  (``students.<name>.vocabulary: train`` needs a WordPiece tokenizer).
 
 :func:`check` reads only small files: the data directory listing, the models' ``config.json`` (``AutoConfig``;
 the header of a ``.gguf`` file) and, for ``init: path`` students, both tokenizers. No weights, no data rows.
@@ -149,6 +151,21 @@ def check_student(cfg: FlexKDConfig, name: str, teacher_config, teacher_spec: st
         _check_prune(key, scfg, teacher_config)
     elif scfg.init == "path":
         _check_path_student(cfg, key, scfg, teacher_spec)
+    if scfg.vocabulary == "train":
+        return _check_vocabulary(cfg, f"{key}.vocabulary", scfg.path if scfg.init == "path" else teacher_spec)
+    return []
+
+
+def _check_vocabulary(cfg: FlexKDConfig, key: str, spec: str) -> list[str]:
+    """vocabulary: train cuts the student's tokenizer once it is trained: refuse one it cannot cut (not WordPiece) now."""
+    from flexkd.models import load_tokenizer
+    from flexkd.vocabulary import wordpiece_spec
+
+    try:
+        tokenizer = load_tokenizer(spec, trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError) as err:
+        return [f"{key}: the tokenizer of {spec} could not be read ({type(err).__name__}); not checked"]
+    wordpiece_spec(tokenizer, key=key)
     return []
 
 

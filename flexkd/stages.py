@@ -228,7 +228,15 @@ def distill(cfg: FlexKDConfig, paths: Paths, task, student: str, method: str, *,
             select_metric=metric, log=log, desc=f"distill {student}/{method}", runtime=task.runtime,
         )
     scores = task.validation_scores(model, validation, setup.eval_collate)
-    out_dir = save_checkpoint(model, setup.tokenizer, paths.student(student, method))  # on disk before any MLflow call
+    tokenizer, vocabulary = setup.tokenizer, None
+    if cfg.student(student).vocabulary == "train":  # cut to the training split's tokens: scored as it is saved
+        from flexkd.vocabulary import prune_vocabulary
+
+        model, tokenizer, vocabulary = prune_vocabulary(model, setup.tokenizer, setup.train_data,
+                                                        key=f"students.{student}.vocabulary")
+        vocabulary["validation_before"] = scores
+        scores = task.validation_scores(model, task.features(paths.prepared, "validation", tokenizer), task.collate(tokenizer))
+    out_dir = save_checkpoint(model, tokenizer, paths.student(student, method))  # on disk before any MLflow call
     summary = {
         "student": student, "method": method, "init": cfg.student(student).init, "run_id": run_id,
         "parameters": count_parameters(model), "train_seconds": round(result.state.train_seconds, 2),
@@ -242,8 +250,10 @@ def distill(cfg: FlexKDConfig, paths: Paths, task, student: str, method: str, *,
         "teacher_cache_bytes": setup.cache.meta["bytes"] if setup.cache is not None else None,
         "runtime": task.runtime.describe(),
     }
-    if setup.pruning is not None:
-        summary["pruning"] = setup.pruning
+    if setup.pruning is not None:  # its parameter ratio: of the student as saved (after a vocabulary cut)
+        summary["pruning"] = {**setup.pruning, "parameter_ratio": summary["parameters"] / setup.pruning["teacher"]["parameters"]}
+    if vocabulary is not None:
+        summary["vocabulary"] = vocabulary
     summary["model_uri"] = None  # the student is complete on disk first: an MLflow failure later loses nothing
     write_json(out_dir / "flexkd_student.json", summary)
     write_json(paths.distill_metrics(student, method), {

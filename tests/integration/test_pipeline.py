@@ -21,7 +21,8 @@ STUDENTS = ["random", "pruned"]
 def project(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("flexkd-project")
     teacher = save_tiny_bert(root.parent / f"{root.name}-teacher", hidden=32, layers=2)
-    make_project(root, tiny_params(data_dir, teacher))
+    # the pruned student keeps only the training split's tokens (students.<name>.vocabulary: train)
+    make_project(root, tiny_params(data_dir, teacher, **{"students.pruned.vocabulary": "train"}))
     # the pipeline flow: a fresh MLflow parent run, then `dvc repro` (as `make run` does)
     completed = run([sys.executable, "-m", "flows.pipeline"], root)
     return root, completed
@@ -80,6 +81,17 @@ def test_checkpoints_load_with_plain_transformers(project):
     tokenizer = AutoTokenizer.from_pretrained(path)
     logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
     assert logits.shape == (1, 2) and model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+    # vocabulary: train: the saved tokenizer and embedding hold the training split's tokens only, and the test
+    # scores are those of this smaller student read with its own tokenizer
+    info = json.loads((path / "flexkd_student.json").read_text())
+    assert len(tokenizer) == model.config.vocab_size == info["vocabulary"]["tokens_kept"] < 30522 // 4
+    assert info["parameters"] == info["vocabulary"]["parameters_after"] < info["vocabulary"]["parameters_before"]
+    assert info["pruning"]["parameter_ratio"] == info["parameters"] / info["pruning"]["teacher"]["parameters"]
+    evaluation = json.loads((root / "metrics/evaluation.json").read_text())
+    assert evaluation["students"]["pruned/flexkd"]["parameters"] == info["parameters"]
+    random = AutoModelForSequenceClassification.from_pretrained(root / "runs/students/sst2/random/flexkd")
+    assert random.config.vocab_size == 30522 and "vocabulary" not in json.loads(
+        (root / "runs/students/sst2/random/flexkd/flexkd_student.json").read_text())
 
 
 def test_mlflow_runs_nest_under_the_pipeline_and_log_each_term(project):
@@ -248,6 +260,30 @@ def test_benchmark_measurements_run_on_the_project(project):
     assert 0.4 < sizes["selected_over_full"] < 0.6  # hidden states dominate: 16 of 32 units
     sanity = ablation(root, ks=[8], random_draws=1)
     assert set(sanity["by_k"]["8"]) == {"top", "bottom", "random_mean"} and 0 <= sanity["none"] <= 1
+
+
+def test_the_benchmark_commands_reuse_a_finished_runs_teacher(project, tmp_path, capsys):
+    """--teacher-from: the curve sizes students on the project's own data, teacher and relevance index (linked, not
+    trained again); a profile that differs from the run's params is refused, naming the keys that differ."""
+    from benchmarks import curve
+
+    root, _ = project
+    work = tmp_path / "curve"
+    argv = ["--params", str(root / "params.yaml"), "--teacher-from", str(root), "--widths", "16", "--depths", "1",
+            "--steps", "2", "--max-ratio", "1", "--work-dir", str(work), "--output", str(tmp_path / "curve.json")]
+    capsys.readouterr()
+    assert curve.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "shared stages reused" in out and "teacher:" not in err  # no teacher trained
+    assert json.loads((work / "shared.json").read_text())["adopted_from"] == str(root.resolve())
+    assert (work / "runs/teacher/sst2").resolve() == (root / "runs/teacher/sst2").resolve()
+    result = json.loads((tmp_path / "curve.json").read_text())
+    row = result["rows"][0]
+    # the project's pruned student has vocabulary: train: the curve counts the parameters it is saved with
+    assert row["steps"] == 2 and row["parameters"] < 30522 * 16
+    assert "cut to the training split's tokens" in curve.render(result)
+    with pytest.raises(SystemExit, match="params.yaml differs from this profile in project"):
+        curve.main(argv[:2] + ["--set", "project.seed=43"] + argv[2:])
 
 
 def test_a_run_travels_to_a_fresh_clone_through_the_dvc_remote(project, tmp_path):

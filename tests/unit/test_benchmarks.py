@@ -466,3 +466,27 @@ def test_benchmark_commands_read_a_profile_with_overrides_and_refuse_bad_ones(tm
         with pytest.raises(SystemExit) as stop:
             read_profile(parser, parser.parse_args(argv))
         assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_shared_stages_key_ignores_what_only_the_distill_stage_reads():
+    """--teacher-from and the tuning workspaces reuse a teacher while the shared stages' params hold: a student's
+    tuned settings and its vocabulary do not touch them; its width (k: relevance and cache) and the seed do."""
+    from pathlib import Path
+
+    import yaml
+
+    from benchmarks.tune import shared_key
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    changed = json.loads(json.dumps(raw))
+    changed["students"]["pruned"].update(vocabulary="train", lr=1e-4, per_method={"kd": {"alpha": 0.3}})
+    changed["distill"]["alpha"] = 0.9
+    assert shared_key(changed) == shared_key(raw)
+    for dotted, value in (("students.pruned.hidden_size", 96), ("project.seed", 43), ("teacher.finetune.lr", 1e-4)):
+        other = json.loads(json.dumps(raw))
+        group, *middle, last = dotted.split(".")
+        node = other[group]
+        for key in middle:
+            node = node[key]
+        node[last] = value
+        assert shared_key(other) != shared_key(raw), dotted

@@ -36,7 +36,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
     BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(other)
     BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=32)).save_pretrained(other)
-    return {"teacher": teacher, "same": same, "other": other}
+    bpe = save_tiny_bert(root / "teacher-bpe-tokenizer", hidden=32, layers=2, heads=2)  # same sizes, a BPE tokenizer
+    bpe_tokenizer().save_pretrained(bpe)
+    return {"teacher": teacher, "same": same, "other": other, "bpe": bpe}
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3, "ab": 4}, merges=[("a", "b")],
+                                   unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
 
 
 @pytest.fixture
@@ -137,6 +149,9 @@ PREFLIGHT_CASES = {  # flexkd.preflight: the message starts with the key
     "pruned: more MLP channels than the teacher": ({"students.pruned.intermediate_size": 128}, ConfigError,
                                                    "students.pruned.intermediate_size",
                                                    "128 must be an integer in [1, 64]"),
+    "vocabulary: train with a tokenizer it cannot cut": ({"teacher.model": "<bpe>", "students.pruned.vocabulary": "train"},
+                                                         ConfigError, "students.pruned.vocabulary",
+                                                         ("train needs a WordPiece tokenizer", "BPE", "set it to full")),
 }
 CASES = {**SCHEMA_CASES, **PREFLIGHT_CASES}
 
