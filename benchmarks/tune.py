@@ -153,8 +153,9 @@ def adopt_shared(root: Path, raw: dict, workspace: Path) -> dict:
         raise SystemExit(f"--teacher-from {workspace}: its run has not finished these stages: "
                          f"{', '.join(missing) or str(source.teacher / 'flexkd_teacher.json')} (run dvc repro there first)")
     done = Path(root) / "shared.json"
-    if done.exists() and read_json(done).get("adopted_from") == str(workspace) and read_json(done).get("key") == key:
-        return read_json(done)
+    found = read_json(done) if done.exists() else {}
+    if found.get("adopted_from") == str(workspace) and found.get("key") == key:
+        return found
     if Path(root).exists():
         shutil.rmtree(root)
     for name in names:

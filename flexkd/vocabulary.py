@@ -118,11 +118,13 @@ def prune_embedding(model: nn.Module, kept: list[int], *, key: str = "vocabulary
 def prune_vocabulary(model: nn.Module, tokenizer, features: Iterable[dict], *, key: str = "vocabulary"):
     """The student cut to the tokens of ``features`` (the training split) and its tokenizer, and what was kept:
     ``(model, tokenizer, summary)``. ``model`` is changed in place."""
+    from flexkd.models import count_parameters
+
     before = int(model.get_input_embeddings().weight.shape[0])
-    parameters_before = sum(p.numel() for p in model.parameters())
+    parameters_before = count_parameters(model)
     kept = kept_token_ids(features, tokenizer)
     pruned_tokenizer = prune_tokenizer(tokenizer, kept, key=key)  # refuses a tokenizer it cannot cut, model untouched
     prune_embedding(model, kept, key=key)
     summary = {"tokens_before": before, "tokens_kept": len(kept),
-               "parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters())}
+               "parameters_before": parameters_before, "parameters_after": count_parameters(model)}
     return model, pruned_tokenizer, summary
