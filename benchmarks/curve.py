@@ -28,9 +28,14 @@ from benchmarks.cli import add_profile_args, add_teacher_from, read_profile, wor
 REPO = Path(__file__).resolve().parents[1]
 
 
-def heads_for(width: int, wanted: int, kv_groups: int) -> int:
-    """The most query heads, at most ``wanted``, that divide ``width`` (the models require it) and keep the same
-    number in every KV group (what pruning can do)."""
+def heads_for(width: int, wanted: int, kv_groups: int, head_size: int | None = None) -> int:
+    """The query heads of a student ``width`` wide. With ``head_size`` (BERT, GPT-2: the head size is the teacher's,
+    hidden = heads x head size): ``width / head_size``. Otherwise (Llama: heads keep their own size) the most heads,
+    at most ``wanted``, that divide ``width`` and keep the same number in every KV group (what pruning can do)."""
+    if head_size:
+        if width % head_size:
+            raise SystemExit(f"width {width}: the teacher's heads are {head_size} wide; give a multiple of {head_size}")
+        return width // head_size
     for heads in range(wanted, 0, -1):
         if width % heads == 0 and heads % kv_groups == 0:
             return heads
@@ -38,14 +43,14 @@ def heads_for(width: int, wanted: int, kv_groups: int) -> int:
 
 
 def sized(raw: dict, student: str, method: str, width: int, depth: int, steps: int, d_teacher: int,
-          teacher_intermediate: int | None, kv_groups: int = 1) -> dict:
+          teacher_intermediate: int | None, kv_groups: int = 1, head_size: int | None = None) -> dict:
     """``raw`` training only ``student`` at this width and depth with ``method`` for ``steps`` steps (query heads:
     the student's, or fewer where the width needs it)."""
     out = json.loads(json.dumps(raw))
     spec = out["students"][student]
     spec.update(hidden_size=width, num_layers=depth, prune_layers=None)
     if spec.get("num_heads"):
-        spec["num_heads"] = heads_for(width, spec["num_heads"], kv_groups)
+        spec["num_heads"] = heads_for(width, spec["num_heads"], kv_groups, head_size)
     if teacher_intermediate:
         spec["intermediate_size"] = max(1, round(teacher_intermediate * width / d_teacher))
     out["distill"]["students"], out["distill"]["methods"] = [student], [method]
@@ -66,6 +71,7 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     from flexkd.config import parse_config
     from flexkd.models import count_parameters, hidden_size
     from flexkd.project import Paths, read_json, write_json
+    from flexkd.prune import geometry
     from flexkd.tasks import task_for
     from flexkd.train import set_threads
 
@@ -82,13 +88,16 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     teacher_intermediate = getattr(teacher.config, "intermediate_size", None)
     n_layers = teacher.config.num_hidden_layers
     kv_groups = getattr(teacher.config, "num_key_value_heads", None) or 1  # GQA: heads kept evenly per group
+    shape = geometry(teacher)
+    head_size = shape.head_dim if shape.family in ("bert", "gpt2") else None  # heads x head size = width there
     del teacher
     rows = []
     for width in widths:
         for depth in depths:
             if width > d_teacher or depth > n_layers:
                 raise SystemExit(f"width {width} / depth {depth}: the teacher has {d_teacher} units and {n_layers} layers")
-            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate, kv_groups)
+            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate, kv_groups,
+                           head_size)
             record_path = root / "curve" / "records" / f"w{width}-d{depth}.json"
             record = read_json(record_path) if record_path.exists() else None
             if record is None or record.get("params") != params:

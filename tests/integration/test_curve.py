@@ -57,3 +57,7 @@ def test_the_head_count_follows_the_width_in_whole_kv_groups():
     assert heads_for(192, 6, 1) == 6 and heads_for(100, 6, 1) == 5
     with pytest.raises(SystemExit, match="width 7: no head count up to 9"):
         heads_for(7, 9, 3)
+    # BERT / GPT-2: the head size is the teacher's (MiniLM: 32), so the width sets the head count
+    assert heads_for(256, 6, 1, head_size=32) == 8 and heads_for(192, 6, 1, head_size=32) == 6
+    with pytest.raises(SystemExit, match="width 200: the teacher's heads are 32 wide"):
+        heads_for(200, 6, 1, head_size=32)
