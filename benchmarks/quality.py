@@ -59,9 +59,30 @@ def params_for(profile: str | Path, seed: int, overrides: dict | None = None) ->
     return params
 
 
+FINISHED = ("benchmark_run.json", "metrics/evaluation.json")  # a workspace whose pipeline ran to its end
+
+
+def start_from(workspace: Path, source: Path) -> str | None:
+    """Make a new ``workspace`` a copy of the finished workspace ``source`` (another profile, same seed) without its
+    benchmark record and evaluation, so that ``dvc repro`` there reruns only the stages whose params, code or inputs
+    differ from the source's run: a teacher with the same teacher params, data and code is not trained again, one
+    that differs in any of them is (DVC decides, from the copied dvc.lock). Returns the source's name, or None when
+    ``workspace`` already exists (it continues on its own). Refused when ``source`` has not finished."""
+    if workspace.exists():
+        return None
+    missing = [name for name in FINISHED if not (source / name).exists()]
+    if missing:
+        raise RuntimeError(f"--start-from: {source} has not finished its pipeline (no {', '.join(missing)}); run that "
+                           "profile and seed first, or leave --start-from out")
+    skip = {"benchmark_run.json", "pipeline.log", "evaluation.json", "__pycache__", ".flexkd"}  # .flexkd: scratch
+    shutil.copytree(source, workspace, symlinks=True, ignore=lambda _, names: [n for n in names if n in skip])
+    return source.name
+
+
 @task(name="pipeline-run")
-def run_pipeline(workspace: Path, params: dict) -> dict:
-    """Run the whole pipeline in ``workspace`` unless it already finished with these params; return its record."""
+def run_pipeline(workspace: Path, params: dict, source: Path | None = None) -> dict:
+    """Run the whole pipeline in ``workspace`` unless it already finished with these params; return its record.
+    With ``source`` (a finished workspace of another profile), a new workspace starts as its copy (``start_from``)."""
     record_path = workspace / "benchmark_run.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -71,6 +92,9 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
                 record.update(run_resources(workspace, params))
                 record_path.write_text(json.dumps(record, indent=1))
             return record
+    started = start_from(workspace, source) if source is not None else None
+    if started:
+        print(f"{workspace.name}: started from a copy of {started}; dvc repro reruns what differs")
     make_workspace(workspace, params)
     env = dict(os.environ, FLEXKD_PROJECT_ROOT=str(workspace))
     env.pop("FLEXKD_PIPELINE_RUN_ID", None)
@@ -82,7 +106,7 @@ def run_pipeline(workspace: Path, params: dict) -> dict:
     wall = time.perf_counter() - began
     if completed.returncode != 0:
         raise RuntimeError(f"{workspace.name}: the pipeline failed (exit {completed.returncode}); see {log}")
-    record = {"params": params, "wall_seconds": wall,
+    record = {"params": params, "wall_seconds": wall, **({"started_from": started} if started else {}),
               "evaluation": json.loads((workspace / "metrics" / "evaluation.json").read_text()),
               **run_resources(workspace, params)}
     record_path.write_text(json.dumps(record, indent=1))
@@ -240,22 +264,29 @@ def _generation(record: dict) -> bool:
 
 @flow(name="flexkd-benchmark-quality", log_prints=True)
 def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
-                 overrides: dict | None = None, sanity: bool = True) -> dict:
+                 overrides: dict | None = None, sanity: bool = True, start: str | None = None) -> dict:
+    """With ``start`` (a profile name), each seed's new workspace starts from ``<start>-seed<seed>``'s (``start_from``)."""
     work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
+    sources = {seed: work / f"{Path(start).stem}-seed{seed}" for seed in seeds} if start else {}
+    unfinished = [str(source) for source in sources.values() if not all((source / n).exists() for n in FINISHED)]
+    if unfinished:  # checked before any run, not after the first seeds
+        raise RuntimeError(f"--start-from {start}: these workspaces have not finished their pipeline: "
+                           f"{', '.join(unfinished)}; run that profile with those seeds first, or leave --start-from out")
     results = {}
     for profile in profiles:
         records = []
         for seed in seeds:
             params = params_for(profile, seed, overrides)
             name = Path(profile).stem if str(profile).endswith(".yaml") else profile
-            records.append(run_pipeline(work / f"{name}-seed{seed}", params))
+            records.append(run_pipeline(work / f"{name}-seed{seed}", params, sources.get(seed)))
             print(f"{name} seed {seed}: done in {records[-1]['wall_seconds']:.0f}s")
         name = Path(profile).stem if str(profile).endswith(".yaml") else profile
         first = work / f"{name}-seed{seeds[0]}"
         results[name] = {
             "task": records[0]["evaluation"]["task"],
             "quality": aggregate(records),
-            "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"]} for r in records],
+            "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"],
+                      **({"started_from": r["started_from"]} if r.get("started_from") else {})} for r in records],
             "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
             "budget": budget(records[0]["params"]),
             "sanity": ({**relevance_sanity(first, records[0]["params"]), "seed": seeds[0]}

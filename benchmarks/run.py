@@ -50,7 +50,7 @@ def machine() -> dict:
 @flow(name="flexkd-benchmark", log_prints=True)
 def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-bench"), seeds: list[int] = (42, 43, 44), work_dir: str | None = None,
                    overrides: dict | None = None, rounds: int = 12, output: str | None = None,
-                   speed_from: str | None = None, fresh: bool = False) -> dict:
+                   speed_from: str | None = None, fresh: bool = False, start_from: str | None = None) -> dict:
     from benchmarks.quality import quality_flow
     from benchmarks.speed import cache_sizes, distill_step_times, relevance_time_ratio
 
@@ -58,7 +58,8 @@ def benchmark_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-be
     earlier_speed = json.loads(Path(speed_from).read_text()).get("speed") if speed_from else None
     if speed_from and not earlier_speed:  # checked before hours of runs, not after
         raise ValueError(f"--speed-from {speed_from}: no speed section in it")
-    quality = quality_flow(profiles=list(profiles), seeds=list(seeds), work_dir=str(work), overrides=overrides)
+    quality = quality_flow(profiles=list(profiles), seeds=list(seeds), work_dir=str(work), overrides=overrides,
+                           start=start_from)
     first = work / f"{Path(profiles[0]).stem}-seed{seeds[0]}"
     if earlier_speed:  # the speed section of an earlier run (it names its own workspace), e.g. when a seed was added
         speed = earlier_speed
@@ -259,7 +260,8 @@ def render(results: dict) -> str:
         for run in block["runs"]:
             overheads.append(run["overhead_ratio"])
             others.append(run["other_seconds"])
-            lines.append(f"| {name} seed {run['seed']} | {run['wall_seconds']:.0f} | {run['compute_seconds']:.0f} | "
+            started = f" (from {run['started_from']})" if run.get("started_from") else ""
+            lines.append(f"| {name} seed {run['seed']}{started} | {run['wall_seconds']:.0f} | {run['compute_seconds']:.0f} | "
                          f"{run['other_seconds']:.0f} | {run['overhead_ratio']:.1%} |")
     if overheads:
         mean = sum(overheads) / len(overheads)
@@ -312,6 +314,11 @@ def render(results: dict) -> str:
             lines += ["", f"The student each run picked on validation ({picks}): test {metric} "
                           f"**{_pm(best['over_teacher'], 100.0)}%** of the teacher's, with "
                           f"{best['parameter_ratio']['mean']:.1%} of its parameters."]
+        started = [run for run in block["runs"] if run.get("started_from")]
+        if started:
+            lines += ["", "Started from another profile's finished workspace (`--start-from`; `dvc repro` reran only the "
+                          "stages whose params, code or inputs differ, so their teacher is that run's): "
+                          + ", ".join(f"seed {run['seed']} from {run['started_from']}" for run in started) + "."]
         if block.get("budget"):
             lines += ["", "Budget: " + ", ".join(f"{k} {v if v is not None else 'all' if k == 'data.max_train' else 'none'}"
                                                  for k, v in block["budget"].items()) + "."]
@@ -342,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmark and device check sections of benchmarks/")
     parser.add_argument("--speed-from", default=None, metavar="RESULTS_JSON",
                         help="reuse the speed section of an earlier results.json (it names the workspace it was measured on)")
+    parser.add_argument("--start-from", default=None, metavar="PROFILE",
+                        help="start each seed's new workspace as a copy of PROFILE's finished workspace of the same "
+                             "seed (under --work-dir): dvc repro there reruns only the stages whose params or code "
+                             "differ, e.g. a profile that changes only the students reuses that run's teacher")
     parser.add_argument("--fresh", action="store_true",
                         help="write only this run's profiles and seeds (default: keep those of the results.json there)")
     args = parser.parse_args(argv)
@@ -357,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = cli_overrides(parser, args)
     try:
         benchmark_flow(profiles=args.profiles, seeds=args.seeds, work_dir=args.work_dir, overrides=overrides or None,
-                       rounds=args.rounds, output=args.output, speed_from=args.speed_from, fresh=args.fresh)
+                       rounds=args.rounds, output=args.output, speed_from=args.speed_from, fresh=args.fresh,
+                       start_from=args.start_from)
     except Exception as err:  # noqa: BLE001
         print(f"\nflexkd benchmark failed: {err}", file=sys.stderr)
         return 1

@@ -62,3 +62,26 @@ def test_benchmark_command_writes_the_report_and_reuses_finished_runs(tmp_path, 
     assert "finished before with the same params; reused" in completed.stdout + completed.stderr
     again = json.loads((out / "benchmarks" / "results.json").read_text())["quality"]["tiny"]["runs"][0]
     assert again["split"] == pytest.approx(split) and again["wall_seconds"] == run_record["wall_seconds"]
+
+    # --start-from: a profile that changes only the students starts from the finished workspace of the same seed;
+    # dvc repro there reruns the student stages and not the teacher (same teacher params, data and code)
+    more = {**params, "distill": {**params["distill"], "methods": ["ft", "kd"]}}
+    (tmp_path / "tiny-more.yaml").write_text(yaml.safe_dump(more, sort_keys=False))
+    started = [sys.executable, "-m", "benchmarks.run", "--profiles", str(tmp_path / "tiny-more.yaml"), "--seeds", "7",
+               "--work-dir", str(work), "--speed-from", str(out / "benchmarks" / "results.json"), "--output", str(out),
+               "--start-from", "tiny"]
+    completed = run(started, REPO, env=env_for(REPO))
+    assert "tiny-more-seed7: started from a copy of tiny-seed7" in completed.stdout + completed.stderr
+    block = json.loads((out / "benchmarks" / "results.json").read_text())["quality"]["tiny-more"]
+    assert set(block["quality"]["scores"]) == {"teacher", "random/ft", "random/kd"}
+    assert block["runs"][0]["started_from"] == "tiny-seed7"
+    assert "finetune_teacher" not in block["runs"][0]["stages"] and "distill-random-kd" in " ".join(block["runs"][0]["stages"])
+    teacher = block["records"][0]["evaluation"]["teacher"]
+    assert teacher == quality["records"][0]["evaluation"]["teacher"]  # the same teacher, scored the same
+    assert (work / "tiny-seed7" / "benchmark_run.json").exists()  # the source is left as it was
+    report = (out / "BENCHMARKS.md").read_text()
+    assert "| tiny-more seed 7 (from tiny-seed7) |" in report and "seed 7 from tiny-seed7" in report
+
+    # a source that has not finished is refused before any run, naming it
+    refused = run([*started[:-1], "missing"], REPO, env=env_for(REPO), check=False)
+    assert refused.returncode == 1 and "--start-from missing" in refused.stderr and "missing-seed7" in refused.stderr
