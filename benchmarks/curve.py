@@ -69,7 +69,7 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     from benchmarks.tune import OutputPaths, drop_scratch, run_shared
     from flexkd import stages
     from flexkd.config import parse_config
-    from flexkd.models import count_parameters, hidden_size
+    from flexkd.models import count_parameters
     from flexkd.project import Paths, read_json, write_json
     from flexkd.prune import geometry
     from flexkd.tasks import task_for
@@ -84,11 +84,10 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     run_shared(root, raw)
     paths = Paths(root, cfg.data.task, cfg.project.runs_dir, cfg.project.work_dir)
     teacher = task_for(cfg).load_model(str(paths.teacher))
-    d_teacher, teacher_params = hidden_size(teacher), count_parameters(teacher)
+    shape, teacher_params = geometry(teacher), count_parameters(teacher)
+    d_teacher, n_layers = shape.hidden, shape.layers
     teacher_intermediate = getattr(teacher.config, "intermediate_size", None)
-    n_layers = teacher.config.num_hidden_layers
     kv_groups = getattr(teacher.config, "num_key_value_heads", None) or 1  # GQA: heads kept evenly per group
-    shape = geometry(teacher)
     head_size = shape.head_dim if shape.family in ("bert", "gpt2") else None  # heads x head size = width there
     del teacher
     rows = []

@@ -62,18 +62,18 @@ def params_for(profile: str | Path, seed: int, overrides: dict | None = None) ->
 FINISHED = ("benchmark_run.json", "metrics/evaluation.json")  # a workspace whose pipeline ran to its end
 
 
+def finished(workspace: Path) -> bool:
+    return all((workspace / name).exists() for name in FINISHED)
+
+
 def start_from(workspace: Path, source: Path) -> str | None:
-    """Make a new ``workspace`` a copy of the finished workspace ``source`` (another profile, same seed) without its
-    benchmark record and evaluation, so that ``dvc repro`` there reruns only the stages whose params, code or inputs
-    differ from the source's run: a teacher with the same teacher params, data and code is not trained again, one
-    that differs in any of them is (DVC decides, from the copied dvc.lock). Returns the source's name, or None when
-    ``workspace`` already exists (it continues on its own). Refused when ``source`` has not finished."""
+    """Make a new ``workspace`` a copy of the finished workspace ``source`` (another profile, same seed; ``quality_flow``
+    checks every source before any run) without its benchmark record and evaluation, so that ``dvc repro`` there
+    reruns only the stages whose params, code or inputs differ from the source's run: a teacher with the same teacher
+    params, data and code is not trained again, one that differs in any of them is (DVC decides, from the copied
+    dvc.lock). Returns the source's name, or None when ``workspace`` already exists (it continues on its own)."""
     if workspace.exists():
         return None
-    missing = [name for name in FINISHED if not (source / name).exists()]
-    if missing:
-        raise RuntimeError(f"--start-from: {source} has not finished its pipeline (no {', '.join(missing)}); run that "
-                           "profile and seed first, or leave --start-from out")
     skip = {"benchmark_run.json", "pipeline.log", "evaluation.json", "__pycache__", ".flexkd"}  # .flexkd: scratch
     shutil.copytree(source, workspace, symlinks=True, ignore=lambda _, names: [n for n in names if n in skip])
     return source.name
@@ -268,7 +268,7 @@ def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-benc
     """With ``start`` (a profile name), each seed's new workspace starts from ``<start>-seed<seed>``'s (``start_from``)."""
     work = Path(work_dir) if work_dir else REPO / "benchmarks" / "work"
     sources = {seed: work / f"{Path(start).stem}-seed{seed}" for seed in seeds} if start else {}
-    unfinished = [str(source) for source in sources.values() if not all((source / n).exists() for n in FINISHED)]
+    unfinished = [str(source) for source in sources.values() if not finished(source)]
     if unfinished:  # checked before any run, not after the first seeds
         raise RuntimeError(f"--start-from {start}: these workspaces have not finished their pipeline: "
                            f"{', '.join(unfinished)}; run that profile with those seeds first, or leave --start-from out")

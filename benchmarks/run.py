@@ -314,11 +314,11 @@ def render(results: dict) -> str:
             lines += ["", f"The student each run picked on validation ({picks}): test {metric} "
                           f"**{_pm(best['over_teacher'], 100.0)}%** of the teacher's, with "
                           f"{best['parameter_ratio']['mean']:.1%} of its parameters."]
-        started = [run for run in block["runs"] if run.get("started_from")]
-        if started:
+        started_runs = [run for run in block["runs"] if run.get("started_from")]
+        if started_runs:
             lines += ["", "Started from another profile's finished workspace (`--start-from`; `dvc repro` reran only the "
                           "stages whose params, code or inputs differ, so their teacher is that run's): "
-                          + ", ".join(f"seed {run['seed']} from {run['started_from']}" for run in started) + "."]
+                          + ", ".join(f"seed {run['seed']} from {run['started_from']}" for run in started_runs) + "."]
         if block.get("budget"):
             lines += ["", "Budget: " + ", ".join(f"{k} {v if v is not None else 'all' if k == 'data.max_train' else 'none'}"
                                                  for k, v in block["budget"].items()) + "."]
