@@ -2,7 +2,8 @@
 
 For a profile (default ``profiles/alpaca.yaml``) and one seed, each (width, depth) of ``--widths`` x ``--depths``
 is a pruned student (``students.<--student>``: hidden size = width = k, the relevance-selected teacher units;
-``num_layers`` = depth; MLP channels scaled with the width) trained with ``--method`` (default kd) for the same
+``num_layers`` = depth; MLP channels scaled with the width, or, with ``--mlp-ratios``, each ratio x the width: a
+deeper student with a narrower MLP at the same parameter share) trained with ``--method`` (default kd) for the same
 fixed budget (``--steps`` optimizer steps) from the teacher cache, then scored on the validation split (generation:
 the teacher-forced response NLL; classification: the primary metric). Reported per size: parameters, their share of
 the teacher's, the validation score and seconds; the pick is the best validation score among the sizes with at
@@ -42,17 +43,31 @@ def heads_for(width: int, wanted: int, kv_groups: int, head_size: int | None = N
     raise SystemExit(f"width {width}: no head count up to {wanted} divides it in whole KV groups of {kv_groups}")
 
 
+def mlp_channels(width: int, d_teacher: int, teacher_intermediate: int | None, ratio: float | None) -> int | None:
+    """The MLP channels of a student ``width`` wide: ``ratio`` x width, or (None) the teacher's MLP scaled with the
+    width; None where the teacher has no MLP width to scale."""
+    if ratio is not None:
+        channels = round(ratio * width)
+        if teacher_intermediate and not 0 < channels <= teacher_intermediate:
+            raise SystemExit(f"--mlp-ratios {ratio:g}: {channels} MLP channels at width {width}; pruning keeps between 1 "
+                             f"and the teacher's {teacher_intermediate}")
+        return channels
+    return max(1, round(teacher_intermediate * width / d_teacher)) if teacher_intermediate else None
+
+
 def sized(raw: dict, student: str, method: str, width: int, depth: int, steps: int, d_teacher: int,
-          teacher_intermediate: int | None, kv_groups: int = 1, head_size: int | None = None) -> dict:
-    """``raw`` training only ``student`` at this width and depth with ``method`` for ``steps`` steps (query heads:
-    the student's, or fewer where the width needs it)."""
+          teacher_intermediate: int | None, kv_groups: int = 1, head_size: int | None = None,
+          mlp_ratio: float | None = None) -> dict:
+    """``raw`` training only ``student`` at this width and depth (MLP: :func:`mlp_channels`) with ``method`` for
+    ``steps`` steps (query heads: the student's, or fewer where the width needs it)."""
     out = json.loads(json.dumps(raw))
     spec = out["students"][student]
     spec.update(hidden_size=width, num_layers=depth, prune_layers=None)
     if spec.get("num_heads"):
         spec["num_heads"] = heads_for(width, spec["num_heads"], kv_groups, head_size)
-    if teacher_intermediate:
-        spec["intermediate_size"] = max(1, round(teacher_intermediate * width / d_teacher))
+    channels = mlp_channels(width, d_teacher, teacher_intermediate, mlp_ratio)
+    if channels:
+        spec["intermediate_size"] = channels
     out["distill"]["students"], out["distill"]["methods"] = [student], [method]
     out["distill"]["train"]["max_steps"] = steps
     out["distill"]["train"]["patience"] = None
@@ -64,7 +79,7 @@ def score_of(scores: dict, generation: bool, metric: str) -> float:
 
 
 def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], depths: list[int], steps: int,
-          max_ratio: float) -> dict:
+          max_ratio: float, mlp_ratios: list[float] | None = None) -> dict:
     from benchmarks.ablate import relevance_root
     from benchmarks.tune import OutputPaths, drop_scratch, run_shared
     from flexkd import stages
@@ -91,34 +106,39 @@ def curve(raw: dict, root: Path, student: str, method: str, widths: list[int], d
     head_size = shape.head_dim if shape.family in ("bert", "gpt2") else None  # heads x head size = width there
     del teacher
     rows = []
+    sizes = []  # every size checked before any trains
     for width in widths:
         for depth in depths:
             if width > d_teacher or depth > n_layers:
                 raise SystemExit(f"width {width} / depth {depth}: the teacher has {d_teacher} units and {n_layers} layers")
-            params = sized(raw, student, method, width, depth, steps, d_teacher, teacher_intermediate, kv_groups,
-                           head_size)
-            record_path = root / "curve" / "records" / f"w{width}-d{depth}.json"
-            record = read_json(record_path) if record_path.exists() else None
-            if record is None or record.get("params") != params:
-                sized_cfg = parse_config(params, source=f"curve w{width} d{depth}")
-                where = relevance_root(root, params)
-                size_paths = Paths(where, sized_cfg.data.task, sized_cfg.project.runs_dir, sized_cfg.project.work_dir)
-                directory = root / "curve" / f"w{width}-d{depth}"
-                began = time.perf_counter()
-                out = stages.distill(sized_cfg, OutputPaths(size_paths, directory), task_for(sized_cfg), student, method)
-                drop_scratch(where, sized_cfg, student, method)
-                shutil.rmtree(directory, ignore_errors=True)
-                record = {"params": params, "width": width, "depth": depth,
-                          "parameters": out["summary"]["parameters"], "validation": out["scores"],
-                          "steps": out["summary"]["steps_run"], "seconds": round(time.perf_counter() - began, 1)}
-                write_json(record_path, record)
-            value = score_of(record["validation"], generation, metric)
-            rows.append({"width": width, "depth": depth, "heads": params["students"][student].get("num_heads"),
-                         "parameters": record["parameters"],
-                         "parameter_ratio": record["parameters"] / teacher_params, "validation": value,
-                         "steps": record["steps"], "seconds": record["seconds"]})
-            print(f"width {width} depth {depth}: {record['parameters'] / 1e6:.1f}M parameters "
-                  f"({rows[-1]['parameter_ratio']:.1%}), validation {'NLL' if generation else metric} {value:.4f}")
+            sizes += [(width, depth, ratio, sized(raw, student, method, width, depth, steps, d_teacher,
+                                                  teacher_intermediate, kv_groups, head_size, ratio))
+                      for ratio in (mlp_ratios or [None])]
+    for width, depth, ratio, params in sizes:
+        mlp = params["students"][student].get("intermediate_size")
+        name = f"w{width}-d{depth}" + ("" if ratio is None else f"-mlp{mlp}")
+        record_path = root / "curve" / "records" / f"{name}.json"
+        record = read_json(record_path) if record_path.exists() else None
+        if record is None or record.get("params") != params:
+            sized_cfg = parse_config(params, source=f"curve w{width} d{depth}")
+            where = relevance_root(root, params)
+            size_paths = Paths(where, sized_cfg.data.task, sized_cfg.project.runs_dir, sized_cfg.project.work_dir)
+            directory = root / "curve" / name
+            began = time.perf_counter()
+            out = stages.distill(sized_cfg, OutputPaths(size_paths, directory), task_for(sized_cfg), student, method)
+            drop_scratch(where, sized_cfg, student, method)
+            shutil.rmtree(directory, ignore_errors=True)
+            record = {"params": params, "width": width, "depth": depth,
+                      "parameters": out["summary"]["parameters"], "validation": out["scores"],
+                      "steps": out["summary"]["steps_run"], "seconds": round(time.perf_counter() - began, 1)}
+            write_json(record_path, record)
+        value = score_of(record["validation"], generation, metric)
+        rows.append({"width": width, "depth": depth, "heads": params["students"][student].get("num_heads"),
+                     "mlp": mlp, "parameters": record["parameters"],
+                     "parameter_ratio": record["parameters"] / teacher_params, "validation": value,
+                     "steps": record["steps"], "seconds": record["seconds"]})
+        print(f"width {width} depth {depth} MLP {mlp}: {record['parameters'] / 1e6:.1f}M parameters "
+              f"({rows[-1]['parameter_ratio']:.1%}), validation {'NLL' if generation else metric} {value:.4f}")
     eligible = [r for r in rows if r["parameter_ratio"] <= max_ratio]
     best = (min if generation else max)(eligible, key=lambda r: r["validation"]) if eligible else None
     return {"task": cfg.data.task, "seed": cfg.project.seed, "student": student, "method": method, "steps": steps,
@@ -141,15 +161,17 @@ def render(result: dict) -> str:
              f"teacher cache{vocabulary_note(result)}; {result['score']} "
              f"({'lower' if result['lower_is_better'] else 'higher'} is better). The "
              f"teacher has {result['teacher_parameters'] / 1e6:.1f}M parameters.", "",
-             "| width | depth | heads | parameters | share of the teacher's | " + result["score"] + " | seconds |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| width | depth | heads | MLP | parameters | share of the teacher's | " + result["score"] + " | seconds |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        lines.append(f"| {row['width']} | {row['depth']} | {row.get('heads') or ''} | {row['parameters'] / 1e6:.1f}M "
+        lines.append(f"| {row['width']} | {row['depth']} | {row.get('heads') or ''} | {row.get('mlp') or ''} "
+                     f"| {row['parameters'] / 1e6:.1f}M "
                      f"| {row['parameter_ratio']:.1%} "
                      f"| {row['validation']:.4f} | {row['seconds']:.0f} |")
     pick = result["pick"]
     lines += ["", f"Pick (best with at most {result['max_ratio']:.0%} of the teacher's parameters): "
-                  + (f"width {pick['width']}, depth {pick['depth']}." if pick else "none fits.")]
+                  + (f"width {pick['width']}, depth {pick['depth']}"
+                     + (f", MLP {pick['mlp']}" if pick.get("mlp") else "") + "." if pick else "none fits.")]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="kd")
     parser.add_argument("--widths", nargs="+", type=int, default=[288, 384, 480, 576])
     parser.add_argument("--depths", nargs="+", type=int, default=[8, 12, 16])
+    parser.add_argument("--mlp-ratios", nargs="+", type=float, default=None,
+                        help="MLP channels of each size as these multiples of its width (default: the teacher's MLP "
+                             "scaled with the width), e.g. 2 4: a deeper student with a narrower MLP at the same share")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps of every size (the fixed budget)")
     parser.add_argument("--max-ratio", type=float, default=0.5, help="largest share of the teacher's parameters")
     parser.add_argument("--work-dir", default=None, help="default: benchmarks/work/curve-<task>-seed<seed>")
@@ -171,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.tune import adopt_shared
 
         adopt_shared(work_dir(args, raw, "curve"), raw, Path(args.teacher_from))
-    result = curve(raw, work_dir(args, raw, "curve"), args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio)
+    result = curve(raw, work_dir(args, raw, "curve"), args.student, args.method, args.widths, args.depths, args.steps, args.max_ratio,
+                   args.mlp_ratios)
     from benchmarks.run import write_result
 
     write_result("curve", result, args.output)

@@ -61,3 +61,23 @@ def test_the_head_count_follows_the_width_in_whole_kv_groups():
     assert heads_for(256, 6, 1, head_size=32) == 8 and heads_for(192, 6, 1, head_size=32) == 6
     with pytest.raises(SystemExit, match="width 200: the teacher's heads are 32 wide"):
         heads_for(200, 6, 1, head_size=32)
+
+
+def test_mlp_ratios_size_the_mlp_apart_from_the_width(tmp_path, data_dir):
+    from benchmarks import curve
+
+    teacher = save_tiny_llama(tmp_path / "teacher_init")  # hidden 32, MLP 64
+    (tmp_path / "alpaca.yaml").write_text(yaml.safe_dump(tiny_generation_params("alpaca", data_dir, teacher)))
+    argv = ["--params", str(tmp_path / "alpaca.yaml"), "--widths", "16", "--depths", "2", "--mlp-ratios", "1", "3",
+            "--steps", "2", "--max-ratio", "1", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "c.json")]
+    assert curve.main(argv) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    rows = {r["mlp"]: r for r in result["rows"]}
+    assert set(rows) == {16, 48} and all(r["width"] == 16 and r["depth"] == 2 for r in rows.values())
+    assert rows[16]["parameters"] < rows[48]["parameters"]  # only the MLP differs
+    assert sorted(p.name for p in (tmp_path / "work" / "curve" / "records").iterdir()) == [
+        "w16-d2-mlp16.json", "w16-d2-mlp48.json"]
+    assert "| 16 | 2 | 4 | 48 |" in curve.render(result)
+    # more channels than the teacher's MLP has cannot be pruned from it: refused before any training, naming the flag
+    with pytest.raises(SystemExit, match="--mlp-ratios 5: 80 MLP channels at width 16; pruning keeps between 1 and the teacher's 64"):
+        curve.main(argv[:6] + ["--mlp-ratios", "5"] + argv[8:])
