@@ -81,6 +81,9 @@ class DataConfig(_Strict):
     validation_size: int | float = Field(
         872, gt=0, description="Rows (int) or fraction (float < 1) of train held out for checkpoint selection."
     )
+    validation_from: Literal["rows", "whole_texts"] = Field(
+        "rows", description="rows: random training rows; whole_texts: texts no other training row contains, their "
+        "word spans dropped from train (phrase-level sets such as SST-2; flexkd/data/holdout.py).")
     max_train: int | None = Field(None, gt=0, description="Subsample train to this many rows (seeded, stratified).")
     max_test: int | None = Field(None, gt=0, description="Subsample test to this many rows.")
 
@@ -100,6 +103,9 @@ class DataConfig(_Strict):
             raise ValueError("data.test_size: a float must be a fraction in (0, 1)")
         if isinstance(self.validation_size, float) and not 0 < self.validation_size < 1:
             raise ValueError("data.validation_size: a float must be a fraction in (0, 1)")
+        if self.validation_from == "whole_texts" and (self.format != "classification" or self.columns.text_pair):
+            raise ValueError("data.validation_from: whole_texts compares single texts of a classification set; "
+                             "use rows for sentence pairs and generation data")
         needed = ("text", "label") if self.format == "classification" else ("prompt", "response")
         for group in ("columns", "hub_columns"):
             mapping = getattr(self, group)

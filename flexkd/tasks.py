@@ -207,6 +207,7 @@ class ClassificationTask(Task):
         manifest = prepare_classification(
             splits["train"], splits["test"], out_dir, label_map=label_map, validation_size=data.validation_size,
             max_train=data.max_train, max_test=data.max_test, seed=self.cfg.project.seed,
+            validation_from=data.validation_from,
         )
         return _record_dropped(out_dir, manifest, dropped)
 

@@ -138,8 +138,10 @@ def prepare_classification(
     max_train: int | None,
     max_test: int | None,
     seed: int,
+    validation_from: str = "rows",
 ) -> dict:
-    """Dedupe train, hold out a stratified validation split, subsample, map labels to ids and write
+    """Dedupe train, hold out a stratified validation split (``validation_from``: random rows, or whole texts with
+    their phrases dropped from train, :mod:`flexkd.data.holdout`), subsample, map labels to ids and write
     ``train/validation/test.jsonl``, ``label_map.json`` and ``manifest.json`` into ``out_dir``.
 
     Rows keep their raw-file order within each split. Returns the manifest.
@@ -153,11 +155,19 @@ def prepare_classification(
     dropped = len(train) - len(deduped)
 
     n_val = validation_count(validation_size, len(deduped))
-    val_pos = _stratified_pick(deduped["label"].astype(str), n_val, rng)
+    spans = np.array([], dtype=int)
+    if validation_from == "whole_texts":
+        from flexkd.data.holdout import whole_text_holdout
+
+        val_pos, spans = whole_text_holdout(deduped["text"], deduped["label"], n_val, rng, _allocate)
+    else:
+        val_pos = _stratified_pick(deduped["label"].astype(str), n_val, rng)
     is_val = np.zeros(len(deduped), dtype=bool)
     is_val[val_pos] = True
+    is_span = np.zeros(len(deduped), dtype=bool)
+    is_span[spans] = True
     splits = {
-        "train": deduped[~is_val].reset_index(drop=True),
+        "train": deduped[~is_val & ~is_span].reset_index(drop=True),
         "validation": deduped[is_val].reset_index(drop=True),
         "test": test.reset_index(drop=True),
     }
@@ -175,6 +185,8 @@ def prepare_classification(
         "max_train": max_train,
         "max_test": max_test,
         "dropped_duplicate_train_rows": dropped,
+        **({"validation_from": validation_from, "dropped_validation_span_rows": int(is_span.sum())}
+           if validation_from != "rows" else {}),
         "num_labels": len(label_map),
         "sources": {"train": manifest_sources([train]), "test": manifest_sources([test])},
     }

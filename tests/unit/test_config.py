@@ -83,6 +83,14 @@ def test_hub_columns_need_the_format_s_columns(raw):
         parse_config(raw)
 
 
+def test_whole_text_validation_is_for_single_texts(raw):
+    raw["data"]["validation_from"] = "whole_texts"
+    assert parse_config(raw).data.validation_from == "whole_texts"
+    raw["data"]["columns"]["text_pair"] = "sentence2"
+    with pytest.raises(ConfigError, match="whole_texts compares single texts of a classification set; use rows"):
+        parse_config(raw)
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

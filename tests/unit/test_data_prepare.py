@@ -157,3 +157,55 @@ def test_real_sst2_sample(tmp_path, data_dir):
     first = load_split(tmp_path / "test.jsonl")[0]
     raw_line = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[first["source_row"] - 1]
     assert raw_line.split("\t")[0] == first["text"]
+
+
+def _phrase_tree(n_sentences: int) -> pd.DataFrame:
+    """SST-2-like rows: each sentence of 6 words with every run of its words as a row, all of the sentence's label."""
+    texts, labels = [], []
+    for s in range(n_sentences):
+        words = [f"s{s}w{j}" for j in range(6)] if s % 3 else ["the", "film", f"s{s}", "is", "very", "good"]
+        for i in range(6):
+            for j in range(i + 1, 7):
+                texts.append(" ".join(words[i:j]))
+                labels.append("pos" if s % 2 else "neg")
+    return _table(texts, labels)
+
+
+def _span_of(text: str, other: str) -> bool:
+    return f" {text} " in f" {other} "
+
+
+def test_whole_texts_hold_out_sentences_and_drop_their_phrases_from_train(tmp_path):
+    train = _phrase_tree(12)
+    test = _table([f"test sentence {i}" for i in range(10)], ["pos" if i % 2 else "neg" for i in range(10)])
+    deduped = train.drop_duplicates(subset=["text"])
+    manifest = _prepare(train, test, tmp_path / "w", validation_size=4, validation_from="whole_texts")
+    train_rows, val_rows = load_split(tmp_path / "w" / "train.jsonl"), load_split(tmp_path / "w" / "validation.jsonl")
+    val_texts = [r["text"] for r in val_rows]
+    # validation: whole sentences (no other row contains them), two of each label
+    assert len(val_texts) == 4 and all(len(t.split()) == 6 for t in val_texts)
+    assert Counter(r["label"] for r in val_rows) == Counter({0: 2, 1: 2})
+    # nothing in train is a phrase of a validation sentence, and no validation sentence is inside a training row
+    assert not any(_span_of(t["text"], v) or _span_of(v, t["text"]) for t in train_rows for v in val_texts)
+    # what was dropped is exactly those phrases; every other row stays
+    assert manifest["validation_from"] == "whole_texts"
+    assert manifest["rows"]["train"] + 4 + manifest["dropped_validation_span_rows"] == len(deduped)
+    assert manifest["dropped_validation_span_rows"] == sum(
+        any(_span_of(t, v) for v in val_texts) for t in deduped["text"] if t not in val_texts)
+    # random rows (the default) leave most validation rows inside a training sentence: the leak whole_texts closes
+    _prepare(train, test, tmp_path / "r", validation_size=40)
+    rows_val = [r["text"] for r in load_split(tmp_path / "r" / "validation.jsonl")]
+    rows_train = [r["text"] for r in load_split(tmp_path / "r" / "train.jsonl")]
+    assert sum(any(_span_of(v, t) for t in rows_train) for v in rows_val) > 20
+    # the same seed draws the same split
+    _prepare(train, test, tmp_path / "w2", validation_size=4, validation_from="whole_texts")
+    assert (tmp_path / "w" / "validation.jsonl").read_bytes() == (tmp_path / "w2" / "validation.jsonl").read_bytes()
+
+
+def test_whole_texts_refuse_a_label_with_too_few_whole_texts(tmp_path):
+    train = _phrase_tree(6)  # 3 whole sentences of each label
+    test = _table(["a test", "b test"], ["pos", "neg"])
+    with pytest.raises(ConfigError, match=r"label 'neg' has 3 texts that no other training row contains, and "
+                                          r"data.validation_size asks for 4 of them; lower data.validation_size"):
+        _prepare(train, test, tmp_path, validation_size=8, validation_from="whole_texts")
+    assert not (tmp_path / "train.jsonl").exists()  # nothing half-written
