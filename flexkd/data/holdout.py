@@ -19,6 +19,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
+from flexkd.data.prepare import allocate_per_label, label_groups
 from flexkd.errors import ConfigError
 
 
@@ -48,16 +49,13 @@ class _Texts:
         return any(needle in f" {self.keys[j]} " for j in (rows or ()) if j != i)
 
 
-def whole_text_holdout(texts: pd.Series, labels: pd.Series, n: int, rng: np.random.Generator,
-                       allocate) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (sorted) of ``n`` validation rows that no other row contains, ``allocate``-d over the labels in
+def whole_text_holdout(texts: pd.Series, labels: pd.Series, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (sorted) of ``n`` validation rows that no other row contains, spread over the labels in
     proportion to the label counts, and of the training rows dropped as word spans of them. ``texts`` are
     de-duplicated. Raises ConfigError, naming the label and the remedy, when a label has too few whole texts."""
     index = _Texts(texts)
-    labels = labels.astype(str)
-    groups = {str(key): np.asarray(pos) for key, pos in
-              sorted(labels.groupby(labels, sort=False).indices.items(), key=lambda kv: str(kv[0]))}
-    wanted = allocate({key: len(pos) for key, pos in groups.items()}, n)
+    groups = label_groups(labels)
+    wanted = allocate_per_label(groups, n)
     picked = []
     for key, positions in groups.items():
         found = []

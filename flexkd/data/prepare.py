@@ -45,12 +45,21 @@ def _allocate(counts: dict, total: int) -> dict:
     return alloc
 
 
+def label_groups(labels: pd.Series) -> dict[str, np.ndarray]:
+    """The positions of each label's rows, labels in sorted order."""
+    return {str(key): np.asarray(positions) for key, positions in
+            sorted(labels.groupby(labels, sort=False).indices.items(), key=lambda kv: str(kv[0]))}
+
+
+def allocate_per_label(groups: dict[str, np.ndarray], n: int) -> dict[str, int]:
+    """How many of ``n`` rows each label gets, in proportion to its rows."""
+    return _allocate({key: len(pos) for key, pos in groups.items()}, n)
+
+
 def _stratified_pick(labels: pd.Series, n: int, rng: np.random.Generator) -> np.ndarray:
     """Positions (sorted) of ``n`` rows drawn per label in proportion to the label counts."""
-    groups: dict[str, np.ndarray] = {}
-    for key, positions in sorted(labels.groupby(labels, sort=False).indices.items(), key=lambda kv: str(kv[0])):
-        groups[str(key)] = np.asarray(positions)
-    alloc = _allocate({key: len(pos) for key, pos in groups.items()}, n)
+    groups = label_groups(labels)
+    alloc = allocate_per_label(groups, n)
     picked = [rng.permutation(groups[key])[: alloc[key]] for key in groups]
     return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
 
@@ -159,7 +168,7 @@ def prepare_classification(
     if validation_from == "whole_texts":
         from flexkd.data.holdout import whole_text_holdout
 
-        val_pos, spans = whole_text_holdout(deduped["text"], deduped["label"], n_val, rng, _allocate)
+        val_pos, spans = whole_text_holdout(deduped["text"], deduped["label"].astype(str), n_val, rng)
     else:
         val_pos = _stratified_pick(deduped["label"].astype(str), n_val, rng)
     is_val = np.zeros(len(deduped), dtype=bool)
