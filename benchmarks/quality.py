@@ -188,11 +188,15 @@ def aggregate(records: list[dict]) -> dict:
 
 
 def budget(params: dict) -> dict:
-    """The data and training budget of a run's params (said beside its table)."""
+    """The data and training budget of a run's params (said beside its table), with how validation was held out
+    where it is not random rows."""
     teacher, train = params["teacher"]["finetune"], params["distill"]["train"]
     taught = ({"teacher epochs": teacher.get("epochs"), "teacher patience": teacher.get("patience")}
               if teacher.get("enabled", True) else {"teacher": "not fine-tuned"})
-    return {"data.max_train": params["data"].get("max_train"), **taught, "student epochs": train.get("epochs"),
+    held_out = params["data"].get("validation_from", "rows")
+    return {"data.max_train": params["data"].get("max_train"),
+            **({"validation from": held_out.replace("_", " ")} if held_out != "rows" else {}),
+            **taught, "student epochs": train.get("epochs"),
             **({"student max_steps": train["max_steps"]} if train.get("max_steps") else {})}
 
 

@@ -193,6 +193,8 @@ def quality_table(title: str, scores: dict, deltas: dict, scale: float, digits: 
 
 
 def render(results: dict) -> str:
+    from benchmarks.quality import budget
+
     m = results["machine"]
     speed = results["speed"]
     lines = [
@@ -319,9 +321,10 @@ def render(results: dict) -> str:
             lines += ["", "Started from another profile's finished workspace (`--start-from`; `dvc repro` reran only the "
                           "stages whose params, code or inputs differ, so their teacher is that run's): "
                           + ", ".join(f"seed {run['seed']} from {run['started_from']}" for run in started_runs) + "."]
-        if block.get("budget"):
+        spent = budget(block["records"][0]["params"]) if block.get("records") else block.get("budget")
+        if spent:
             lines += ["", "Budget: " + ", ".join(f"{k} {v if v is not None else 'all' if k == 'data.max_train' else 'none'}"
-                                                 for k, v in block["budget"].items()) + "."]
+                                                 for k, v in spent.items()) + "."]
         lines.append("")
         sanity = block.get("sanity")
         if sanity:

@@ -395,6 +395,19 @@ def test_the_best_student_is_the_validation_pick_over_the_teacher_at_the_paramet
     assert "Budget: data.max_train all, teacher epochs 3, teacher patience 4, student epochs 1." in text
 
 
+def test_the_budget_says_when_validation_was_held_out_as_whole_texts_even_for_an_older_block():
+    records = [picked(RECORDS[0], "pruned/projector")]
+    records[0]["params"]["data"]["validation_from"] = "whole_texts"
+    block = block_of(records)
+    block["budget"] = {"data.max_train": None, "student epochs": 1}  # written before the key existed
+    text = render({**results_for(speed()), "quality": {"sst2-deploy": block}})
+    assert ("Budget: data.max_train all, validation from whole texts, teacher epochs 3, teacher patience 4, "
+            "student epochs 1.") in text
+    records[0]["params"]["data"]["validation_from"] = "rows"  # the default is not spelled out
+    assert "Budget: data.max_train all, teacher epochs 3," in render({**results_for(speed()),
+                                                                      "quality": {"sst2-deploy": block_of(records)}})
+
+
 def test_a_benchmark_run_adds_its_seeds_and_profiles_to_the_earlier_results():
     from benchmarks.quality import merge
 
