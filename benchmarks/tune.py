@@ -288,8 +288,16 @@ def tune(raw: dict, root: Path, students: list[str], methods: list[str], trials:
             "students": students, "methods": methods, "teacher_validation": shared["teacher_validation"][metric],
             "space": {"lr": f"student lr x 10^[-{LR_DECADES}, {LR_DECADES}]", "alpha": "[0.1, 0.9]",
                       "temperature": "2^[0, 3]", "feature_weight": "10^[-3, 0]"},
-            "budget": {"data.max_train": raw["data"].get("max_train"), "distill.train.epochs": raw["distill"]["train"]["epochs"]},
-            "results": results}
+            "budget": tune_budget(raw), "results": results}
+
+
+def tune_budget(raw: dict) -> dict:
+    """The data and training budget the trials ran at (said beside the table), with how validation was held out where
+    it is not random rows."""
+    held_out = raw["data"].get("validation_from", "rows")
+    return {"data.max_train": raw["data"].get("max_train"),
+            **({"data.validation_from": held_out} if held_out != "rows" else {}),
+            "distill.train.epochs": raw["distill"]["train"]["epochs"]}
 
 
 def per_method_yaml(result: dict) -> str:
@@ -306,11 +314,12 @@ def per_method_yaml(result: dict) -> str:
 
 def render(result: dict) -> str:
     metric = result["primary_metric"]
-    lines = [f"`python -m benchmarks.tune` ({result['task']}, seed {result['seed']}, {result['trials']} trials per "
+    profile = f"`{result['params']}`: " if result.get("params") else ""  # older files did not record it
+    lines = [f"`python -m benchmarks.tune` ({profile}{result['task']}, seed {result['seed']}, {result['trials']} trials per "
              f"method, the same for every method: trial 0 the profile's settings, then Sobol points over lr "
              f"({result['space']['lr']}), alpha {result['space']['alpha']}, temperature {result['space']['temperature']}, "
              f"feature weight {result['space']['feature_weight']}; budget: "
-             + ", ".join(f"{k} {v}" for k, v in result["budget"].items())
+             + ", ".join(f"{k} {'all' if v is None else v}" for k, v in result["budget"].items())
              + f"). Picked on validation {metric} × 100; the test split scored for the pick only. Teacher: validation "
              f"{result['teacher_validation'] * 100:.2f}.", "",
              "| student | method | profile's settings (val) | tuned (val) | test of the pick | lr | alpha | temperature | beta |",

@@ -340,6 +340,28 @@ def test_the_report_shows_each_tuning_file_with_its_picks(tmp_path):
     assert render_tuning({}) == []
 
 
+def test_a_tuning_file_names_its_profile_and_how_validation_was_held_out(tmp_path):
+    from benchmarks.run import render_tuning, runtime_sections
+    from benchmarks.tune import tune_budget
+
+    raw = {"data": {"max_train": None, "validation_from": "whole_texts"}, "distill": {"train": {"epochs": 1}}}
+    assert tune_budget(raw) == {"data.max_train": None, "data.validation_from": "whole_texts", "distill.train.epochs": 1}
+    assert "data.validation_from" not in tune_budget({**raw, "data": {"max_train": 6000}})
+    block = {"task": "sst2", "seed": 42, "trials": 1, "primary_metric": "accuracy", "teacher_validation": 0.88,
+             "space": {"lr": "student lr x 10^[-0.75, 0.75]", "alpha": "[0.1, 0.9]", "temperature": "2^[0, 3]",
+                       "feature_weight": "10^[-3, 0]"},
+             "budget": tune_budget(raw), "params": "profiles/sst2-deploy.yaml",
+             "results": {"pruned/kd": {
+                 "trials": [{"trial": 0, "settings": {"lr": 3e-4, "alpha": 0.5, "temperature": 2.0}, "validation": 0.84}],
+                 "default_validation": 0.84,
+                 "pick": {"trial": 0, "settings": {"lr": 3e-4, "alpha": 0.5, "temperature": 2.0}, "validation": 0.84,
+                          "test": 0.86}}}}
+    (tmp_path / "tuning-sst2-deploy.json").write_text(json.dumps(block))
+    text = "\n".join(render_tuning(runtime_sections(tmp_path)))
+    assert "(`profiles/sst2-deploy.yaml`: sst2, seed 42, 1 trials per method" in text
+    assert "budget: data.max_train all, data.validation_from whole_texts, distill.train.epochs 1)" in text
+
+
 def test_the_report_shows_each_ablation_file(tmp_path):
     from benchmarks.run import render_tuning, runtime_sections
 
