@@ -312,9 +312,20 @@ def per_method_yaml(result: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_name(params: str) -> str:
+    """The profile as a path inside the repository (older files recorded the absolute path of the machine they ran on)."""
+    path = Path(params)
+    if not path.is_absolute():
+        return params
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return path.name
+
+
 def render(result: dict) -> str:
     metric = result["primary_metric"]
-    profile = f"`{result['params']}`: " if result.get("params") else ""  # older files did not record it
+    profile = f"`{profile_name(result['params'])}`: " if result.get("params") else ""  # older files did not record it
     lines = [f"`python -m benchmarks.tune` ({profile}{result['task']}, seed {result['seed']}, {result['trials']} trials per "
              f"method, the same for every method: trial 0 the profile's settings, then Sobol points over lr "
              f"({result['space']['lr']}), alpha {result['space']['alpha']}, temperature {result['space']['temperature']}, "
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_from:
         adopt_shared(work_dir(args, raw, "tune"), raw, Path(args.teacher_from))
     result = tune(raw, work_dir(args, raw, "tune"), students, methods, args.trials, keep_all=args.keep_all)
-    result["params"] = str(args.params)
+    result["params"] = profile_name(str(Path(args.params).resolve()))
     result["overrides"] = overrides(parser, args)
     from benchmarks.run import write_result
 

@@ -360,6 +360,10 @@ def test_a_tuning_file_names_its_profile_and_how_validation_was_held_out(tmp_pat
     text = "\n".join(render_tuning(runtime_sections(tmp_path)))
     assert "(`profiles/sst2-deploy.yaml`: sst2, seed 42, 1 trials per method" in text
     assert "budget: data.max_train all, data.validation_from whole_texts, distill.train.epochs 1)" in text
+    from benchmarks.tune import REPO, profile_name
+
+    assert profile_name(str(REPO / "params.yaml")) == "params.yaml"  # not the machine's absolute path
+    assert profile_name("/elsewhere/my-profile.yaml") == "my-profile.yaml"
 
 
 def test_the_report_shows_each_ablation_file(tmp_path):
