@@ -161,6 +161,12 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="Write a resumable checkpoint every N steps (atomic).")
     log_every: int = Field(10, gt=0, description="Log losses (each term separately) every N steps.")
     keep_best: bool = Field(True, description="Keep the checkpoint with the best validation score (else the last).")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the weights, updated after every "
+        "optimizer step with this decay (e.g. 0.999: about the last 1,000 steps; warmed up as min(decay, "
+        "(1 + n) / (10 + n)) after n updates). Validation, the best checkpoint and the saved model then use the "
+        "averaged weights; training goes on from the raw ones. None: off. Not with distributed: fsdp.",
+    )
     num_processes: int = Field(
         1, ge=1, description="Training processes (data parallel). Above 1 the stage starts the training under "
         "`accelerate launch` with that many ranks; metrics, MLflow logging and checkpoints come from rank 0. "
@@ -177,6 +183,9 @@ class TrainConfig(_Strict):
         if self.max_minutes is not None and self.num_processes > 1:
             raise ValueError("max_minutes needs num_processes 1 (the ranks' clocks would disagree on when to stop); "
                              "use max_steps or patience with several processes")
+        if self.ema_decay is not None and self.num_processes > 1 and self.distributed == "fsdp":
+            raise ValueError("ema_decay needs the whole weights on every rank: use distributed: ddp (or one process), "
+                             "or set ema_decay to null")
         if self.batch_size < self.num_processes:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be at least num_processes ({self.num_processes}): "

@@ -9,6 +9,9 @@ order, so an interrupted run that is started again ends with the same weights as
 Checkpoints are written to a temp directory and renamed into place, and carry a manifest of hashes: a
 half-written or corrupted checkpoint is never picked up.
 
+With ``ema_decay`` the loop also keeps a moving average of the weights (:class:`WeightAverage`, in the
+checkpoint too): validation scores it, and the best (or last) averaged weights are the ones kept.
+
 Several processes (``TrainConfig.num_processes`` > 1, started by ``flexkd.launch`` under ``accelerate launch``):
 every rank runs this same loop over the same data order. The loop talks to its processes through a small
 interface: :class:`OneProcess` with one process (each method the plain step, or nothing), and
@@ -22,6 +25,7 @@ under any process count.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager, nullcontext
 import json
 import math
 import os
@@ -50,6 +54,7 @@ LogFn = Callable[[dict[str, float], int], None]
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
+AVERAGED = "averaged"  # ema_decay without a best checkpoint: the last averaged weights
 
 
 @dataclass
@@ -131,9 +136,10 @@ def _manifest(directory: Path) -> dict[str, str]:
 
 def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None, optimizer, scheduler, state: TrainState,
                              fingerprint: str, model_state: dict | None = None, optimizer_state: dict | None = None,
-                             scaler=None) -> None:
+                             scaler=None, average: WeightAverage | None = None) -> None:
     """Write a resumable checkpoint atomically. ``model_state`` / ``optimizer_state``: full state dicts gathered
-    from sharded ranks (FSDP); None: the model's and optimizer's own."""
+    from sharded ranks (FSDP); None: the model's and optimizer's own. ``average``: the moving average of the
+    weights (``ema_decay``), resumed with them."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
@@ -143,6 +149,7 @@ def save_training_checkpoint(directory: Path, *, model, extra: nn.Module | None,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                 "extra": extra.state_dict() if extra is not None else None,
+                "average": average.state_dict() if average is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": list(random.getstate()[1]),
                 "python_rng_gauss": random.getstate()[2],
@@ -191,6 +198,57 @@ def load_weights(model, directory: Path) -> None:
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ProvenanceError(f"{directory}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (``TrainConfig.ema_decay``; Polyak averaging, as in
+    timm's ModelEmaV2 and TensorFlow's ExponentialMovingAverage with num_updates): after the n-th optimizer step
+    every floating-point parameter's average moves towards it by 1 - min(decay, (1 + n) / (10 + n)), so that the
+    first steps do not stay tied to the initial weights. :meth:`applied` swaps the averages in (validation, the
+    saved weights) and the raw weights back."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def rate(self) -> float:
+        """The decay of the next update."""
+        n = self.updates + 1
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1.0 - self.rate()
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        raw = [p.detach().clone() for p in self.params]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], raw)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Leave the averaged weights in the model."""
+        torch._foreach_copy_([p.data for p in self.params], self.shadow)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": [t.detach().cpu() for t in self.shadow]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if len(saved["shadow"]) != len(self.shadow) or any(
+                a.shape != b.shape for a, b in zip(saved["shadow"], self.shadow)):
+            raise ProvenanceError("the checkpoint's weight average does not fit the model; delete the checkpoint "
+                                  "to start over")
+        self.updates = saved["updates"]
+        self.shadow = [t.to(device=p.device, dtype=p.dtype) for t, p in zip(saved["shadow"], self.params)]
 
 
 class OneProcess:
@@ -282,6 +340,11 @@ class _Run:
     state: TrainState
     resumed_from: int | None
     checkpoint_dir: Path
+    average: WeightAverage | None = None  # ema_decay: the moving average of the weights
+
+    def averaged(self):
+        """The block runs with the averaged weights in the model when there is an average (else as they are)."""
+        return self.average.applied() if self.average is not None else nullcontext()
 
     def step(self, loss_fn: LossFn, batch: dict, weight: float, runtime: Runtime, grad_clip: float):
         """One optimizer step on ``batch`` (this process's share of the global batch, whose loss counts ``weight``):
@@ -299,6 +362,8 @@ class _Run:
         self.scaler.step(self.optimizer)  # fp16: skipped when the gradients overflowed, and the scale lowered
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
         loss, terms = self.processes.reduce(loss, terms, weight)
         self.state.train_seconds += time.perf_counter() - began
         return loss, terms, grad_norm
@@ -318,20 +383,22 @@ class _Run:
             save_training_checkpoint(
                 self.checkpoint_dir, model=self.model, extra=self.extra, optimizer=self.optimizer, scheduler=self.scheduler,
                 state=self.state, fingerprint=fingerprint, model_state=model_state, optimizer_state=optimizer_state,
-                scaler=self.scaler,
+                scaler=self.scaler, average=self.average,
             )
         self.processes.barrier()
 
     def evaluate(self, evaluate: EvalFn, log: LogFn | None, select_metric: str | None, best_dir: Path) -> None:
-        """Evaluate now, log it, and keep the weights in ``best_dir`` when ``select_metric`` is a new best."""
-        metrics = self.processes.evaluate(evaluate, self.model)
-        state = self.state
-        state.evals.append({"step": state.step, **metrics})
-        if log and self.processes.is_main:
-            log({f"validation/{k}": v for k, v in metrics.items()}, state.step)
-        if select_metric is not None and (state.best_score is None or metrics[select_metric] > state.best_score):
-            state.best_score, state.best_step = metrics[select_metric], state.step
-            self.save_model(best_dir)
+        """Evaluate now, log it, and keep the weights in ``best_dir`` when ``select_metric`` is a new best (the
+        averaged weights, both, when there is an average)."""
+        with self.averaged():
+            metrics = self.processes.evaluate(evaluate, self.model)
+            state = self.state
+            state.evals.append({"step": state.step, **metrics})
+            if log and self.processes.is_main:
+                log({f"validation/{k}": v for k, v in metrics.items()}, state.step)
+            if select_metric is not None and (state.best_score is None or metrics[select_metric] > state.best_score):
+                state.best_score, state.best_step = metrics[select_metric], state.step
+                self.save_model(best_dir)
 
 
 def _start(processes: OneProcess | Ranks, model: nn.Module, extra: nn.Module | None, *, settings: TrainConfig,
@@ -347,6 +414,12 @@ def _start(processes: OneProcess | Ranks, model: nn.Module, extra: nn.Module | N
         if extra is not None and blob["extra"] is not None:
             extra.load_state_dict(blob["extra"])
     module = processes.prepare(model, extra)
+    average = WeightAverage(model, settings.ema_decay) if settings.ema_decay is not None else None
+    if average is not None and blob is not None:
+        if blob.get("average") is None:
+            raise ProvenanceError(f"{checkpoint_dir}: the checkpoint has no weight average (written without "
+                                  "ema_decay); delete it to start over")
+        average.load_state_dict(blob["average"])
     modules = [model] + ([extra] if extra is not None else [])
     optimizer = runtime.optimizer(param_groups(modules, settings.weight_decay), lr=settings.lr)
     scaler = runtime.grad_scaler()
@@ -362,7 +435,7 @@ def _start(processes: OneProcess | Ranks, model: nn.Module, extra: nn.Module | N
         torch.set_rng_state(blob["torch_rng"])
         random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_gauss"]))
     return _Run(processes, model, extra, module, optimizer, scheduler, scaler, state,
-                resumed_from=state.step if blob is not None else None, checkpoint_dir=checkpoint_dir)
+                resumed_from=state.step if blob is not None else None, checkpoint_dir=checkpoint_dir, average=average)
 
 
 def train_loop(
@@ -442,7 +515,11 @@ def train_loop(
 
     last = run.checkpoint_dir / "model"
     keep = work_dir / BEST if (select_metric and settings.keep_best and (work_dir / BEST).exists()) else last
-    if keep != last:
+    if keep == last and run.average is not None:  # the last averaged weights, not the raw ones of the checkpoint
+        run.average.copy_to()
+        keep = work_dir / AVERAGED
+        run.save_model(keep)
+    elif keep != last:
         processes.keep_weights(model, keep)
     return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=run.resumed_from)
 

@@ -197,3 +197,84 @@ def test_a_time_budget_stops_with_a_last_evaluation(tmp_path, monkeypatch):
     assert result.state.stopped_early.startswith("the time budget is spent: 2.0 of max_minutes 2")
     with pytest.raises(ValueError, match="max_minutes needs num_processes 1"):
         TrainConfig(batch_size=8, max_minutes=1.0, num_processes=2)
+
+
+def test_weight_average_moves_each_weight_towards_the_model_with_the_warmed_up_decay():
+    from flexkd.train import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(0.0), layer.bias.fill_(1.0)
+    average = WeightAverage(layer, decay=0.9)
+    expected_w, expected_b = 0.0, 1.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0], start=1):
+        with torch.no_grad():
+            layer.weight.fill_(value), layer.bias.fill_(-value)
+        decay = min(0.9, (1 + n) / (10 + n))  # 2/11, 3/12, ... then 0.9 from n = 80; here the warm-up rates
+        assert average.rate() == pytest.approx(decay)
+        average.update()
+        expected_w = decay * expected_w + (1 - decay) * value
+        expected_b = decay * expected_b + (1 - decay) * -value
+    assert average.updates == 12
+    assert average.shadow[0].flatten().tolist() == pytest.approx([expected_w, expected_w])
+    assert average.shadow[1].tolist() == pytest.approx([expected_b])
+    with average.applied():  # the averages inside the block, the raw weights after it
+        assert layer.weight.flatten().tolist() == pytest.approx([expected_w, expected_w])
+    assert layer.weight.tolist() == [[12.0, 12.0]] and layer.bias.tolist() == [-12.0]
+    average.updates = 10_000
+    assert average.rate() == 0.9  # the configured decay once warmed up
+
+
+def _run_averaged(work_dir, stop_after=None, select=True, seen=None):
+    model = bert(8, 2)
+    settings = SETTINGS.model_copy(update={"ema_decay": 0.8})
+
+    def evaluate(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"accuracy": [0.5, 0.9, 0.7][len(seen) - 1]}
+
+    result = train_loop(
+        model=model, loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0), settings=settings, seed=0,
+        work_dir=work_dir, fingerprint="x", evaluate=evaluate if select else None, select_metric="accuracy" if select else None,
+        stop_after=stop_after, progress=False,
+    )
+    return model, result
+
+
+def test_ema_decay_validates_and_keeps_the_averaged_weights_and_resumes_them(tmp_path):
+    from safetensors.torch import load_file
+
+    seen = []
+    model, result = _run_averaged(tmp_path / "a", seen=seen)
+    assert result.state.best_step == 8 and result.model_dir == tmp_path / "a" / "best"
+    best = load_file(tmp_path / "a" / "best" / "model.safetensors")
+    assert all(torch.equal(seen[1][k], v) for k, v in best.items())  # the weights validation scored are kept
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+    raw = load_file(tmp_path / "a" / "checkpoint" / "model" / "model.safetensors")  # training goes on from these
+    key = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(raw[key], seen[2][key])  # validation at step 10 scored the average, not the raw weights
+
+    # without selection the last averaged weights are kept; a run stopped after step 7 (checkpoint at step 6)
+    # resumes its average too and ends with the same weights as one that never stopped
+    whole, whole_result = _run_averaged(tmp_path / "b", select=False)
+    assert whole_result.model_dir == tmp_path / "b" / "averaged"
+    last = load_file(tmp_path / "b" / "checkpoint" / "model" / "model.safetensors")
+    assert not torch.equal(whole.state_dict()[key], last[key])
+    with pytest.raises(Interrupted):
+        _run_averaged(tmp_path / "c", stop_after=7, select=False)
+    resumed, resumed_result = _run_averaged(tmp_path / "c", select=False)
+    assert resumed_result.resumed_from == 6
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_ema_decay_is_refused_with_sharded_weights_and_a_checkpoint_without_an_average(tmp_path):
+    with pytest.raises(ValueError, match="ema_decay needs the whole weights on every rank"):
+        TrainConfig(batch_size=8, ema_decay=0.99, num_processes=2, distributed="fsdp")
+    TrainConfig(batch_size=8, ema_decay=0.99, num_processes=2, distributed="ddp")
+    model = bert(8, 2)
+    with pytest.raises(Interrupted):
+        train_loop(model=model, loss_fn=task_loss(model), train_data=data(), collate=PadCollator(0), settings=SETTINGS,
+                   seed=0, work_dir=tmp_path, fingerprint="x", stop_after=4, progress=False)
+    with pytest.raises(ProvenanceError, match="no weight average"):
+        _run_averaged(tmp_path, select=False)
