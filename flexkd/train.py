@@ -25,7 +25,7 @@ under any process count.
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 import json
 import math
 import os
@@ -40,6 +40,7 @@ from torch import nn
 
 from flexkd.config import TrainConfig
 from flexkd.errors import ConfigError, ProvenanceError
+from flexkd.averaging import WeightAverage
 from flexkd.provenance import atomic_dir, file_manifest, recover_dir
 from flexkd.runtime import Runtime, batches, row_lengths
 
@@ -200,57 +201,6 @@ def load_weights(model, directory: Path) -> None:
         raise ProvenanceError(f"{directory}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-class WeightAverage:
-    """An exponential moving average of a model's weights (``TrainConfig.ema_decay``; Polyak averaging, as in
-    timm's ModelEmaV2 and TensorFlow's ExponentialMovingAverage with num_updates): after the n-th optimizer step
-    every floating-point parameter's average moves towards it by 1 - min(decay, (1 + n) / (10 + n)), so that the
-    first steps do not stay tied to the initial weights. :meth:`applied` swaps the averages in (validation, the
-    saved weights) and the raw weights back."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        self.params = [p for p in model.parameters() if p.is_floating_point()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    def rate(self) -> float:
-        """The decay of the next update."""
-        n = self.updates + 1
-        return min(self.decay, (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        weight = 1.0 - self.rate()
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
-        self.updates += 1
-
-    @contextmanager
-    def applied(self):
-        """The model holds the averaged weights inside the block, its own again after it."""
-        raw = [p.detach().clone() for p in self.params]
-        self.copy_to()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], raw)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        """Leave the averaged weights in the model."""
-        torch._foreach_copy_([p.data for p in self.params], self.shadow)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": [t.detach().cpu() for t in self.shadow]}
-
-    def load_state_dict(self, saved: dict) -> None:
-        if len(saved["shadow"]) != len(self.shadow) or any(
-                a.shape != b.shape for a, b in zip(saved["shadow"], self.shadow)):
-            raise ProvenanceError("the checkpoint's weight average does not fit the model; delete the checkpoint "
-                                  "to start over")
-        self.updates = saved["updates"]
-        self.shadow = [t.to(device=p.device, dtype=p.dtype) for t, p in zip(saved["shadow"], self.params)]
-
-
 class OneProcess:
     """The loop's processes when there is one: each method is the plain one-process step, or nothing.
 
@@ -401,6 +351,20 @@ class _Run:
                 self.save_model(best_dir)
 
 
+    def keep(self, work_dir: Path, *, select: bool) -> Path:
+        """Leave the model with the weights to keep and return their directory: the best on validation when
+        selecting (and there is one), else the last (the last averaged ones when there is an average)."""
+        last = self.checkpoint_dir / "model"
+        if select and (work_dir / BEST).exists():
+            self.processes.keep_weights(self.model, work_dir / BEST)
+            return work_dir / BEST
+        if self.average is None:
+            return last
+        self.average.copy_to()  # not the raw weights of the checkpoint
+        self.save_model(work_dir / AVERAGED)
+        return work_dir / AVERAGED
+
+
 def _start(processes: OneProcess | Ranks, model: nn.Module, extra: nn.Module | None, *, settings: TrainConfig,
            runtime: Runtime, seed: int, total_steps: int, checkpoint_dir: Path, fingerprint: str) -> _Run:
     """Seed, resume the weights from the checkpoint if there is one (before the model is placed and wrapped),
@@ -513,14 +477,7 @@ def train_loop(
             if stop_after is not None and state.step >= stop_after and state.step < total_steps:
                 raise Interrupted(f"stopped after step {state.step} as asked")
 
-    last = run.checkpoint_dir / "model"
-    keep = work_dir / BEST if (select_metric and settings.keep_best and (work_dir / BEST).exists()) else last
-    if keep == last and run.average is not None:  # the last averaged weights, not the raw ones of the checkpoint
-        run.average.copy_to()
-        keep = work_dir / AVERAGED
-        run.save_model(keep)
-    elif keep != last:
-        processes.keep_weights(model, keep)
+    keep = run.keep(work_dir, select=bool(select_metric and settings.keep_best))
     return TrainResult(state=state, model_dir=keep, total_steps=total_steps, resumed_from=run.resumed_from)
 
 

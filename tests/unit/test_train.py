@@ -200,7 +200,7 @@ def test_a_time_budget_stops_with_a_last_evaluation(tmp_path, monkeypatch):
 
 
 def test_weight_average_moves_each_weight_towards_the_model_with_the_warmed_up_decay():
-    from flexkd.train import WeightAverage
+    from flexkd.averaging import WeightAverage
 
     layer = torch.nn.Linear(2, 1)
     with torch.no_grad():
