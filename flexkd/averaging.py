@@ -29,8 +29,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        weight = 1.0 - self.rate()
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.rate())
         self.updates += 1
 
     @contextmanager
@@ -41,16 +40,18 @@ class WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], raw)
+            self._load(raw)
 
-    @torch.no_grad()
     def copy_to(self) -> None:
         """Leave the averaged weights in the model."""
-        torch._foreach_copy_([p.data for p in self.params], self.shadow)
+        self._load(self.shadow)
+
+    @torch.no_grad()
+    def _load(self, values: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(self.params, values)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": [t.detach().cpu() for t in self.shadow]}
+        return {"updates": self.updates, "shadow": [t.detach().cpu() for t in self.shadow]}
 
     def load_state_dict(self, saved: dict) -> None:
         if len(saved["shadow"]) != len(self.shadow) or any(

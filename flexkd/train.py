@@ -25,12 +25,12 @@ under any process count.
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 import json
 import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
+from flexkd.averaging import WeightAverage
 from flexkd.config import TrainConfig
 from flexkd.errors import ConfigError, ProvenanceError
-from flexkd.averaging import WeightAverage
 from flexkd.provenance import atomic_dir, file_manifest, recover_dir
 from flexkd.runtime import Runtime, batches, row_lengths
 
@@ -349,7 +349,6 @@ class _Run:
             if select_metric is not None and (state.best_score is None or metrics[select_metric] > state.best_score):
                 state.best_score, state.best_step = metrics[select_metric], state.step
                 self.save_model(best_dir)
-
 
     def keep(self, work_dir: Path, *, select: bool) -> Path:
         """Leave the model with the weights to keep and return their directory: the best on validation when
