@@ -22,6 +22,7 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
     batch's hidden states) over the whole flexkd step. ``padding``: real and padded tokens of one epoch of the
     training split with and without length-grouped batches.
     """
+    from flexkd.augment import student_train_features
     from flexkd.cache import cache_enabled
     from flexkd.config import load_config
     from flexkd.distill import build_distill
@@ -39,7 +40,7 @@ def distill_step_times(root: Path, *, student: str | None = None, rounds: int = 
     student = student or cfg.distill.students[0]
     settings = cfg.distill.train
     tokenizer = load_tokenizer(str(paths.teacher))
-    train = task.features(paths.prepared, "train", tokenizer)
+    train = student_train_features(cfg, paths, task, tokenizer)  # what the students train on
     lengths = row_lengths(train)
     batch_size = settings.batch_size
     order = epoch_batches(len(train), batch_size, cfg.project.seed, 0, lengths if runtime.group_by_length else None)
@@ -150,6 +151,7 @@ def cache_sizes(root: Path) -> dict:
     """Bytes of the teacher cache with the selected units only and with every teacher unit (built in a temp dir)."""
     import tempfile
 
+    from flexkd.augment import student_train_features
     from flexkd.cache import CacheSpec, build_cache, features_hash
     from flexkd.config import load_config
     from flexkd.models import hidden_size, load_tokenizer
@@ -162,7 +164,7 @@ def cache_sizes(root: Path) -> dict:
     task = task_for(cfg)
     tokenizer = load_tokenizer(str(paths.teacher))
     teacher = task.runtime.frozen(task.load_model(str(paths.teacher)))  # as the teacher_cache stage does
-    train = task.features(paths.prepared, "train", tokenizer)
+    train = student_train_features(cfg, paths, task, tokenizer)  # what the students train on
     index = RelevanceIndex.load(paths.relevance / "index.json")
     d_teacher = hidden_size(teacher)
     sizes = {}

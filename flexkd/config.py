@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flexkd.augment import AugmentConfig
 from flexkd.errors import ConfigError
 
 PRIMARY_METRICS = ("accuracy", "macro_f1", "mcc")
@@ -462,14 +463,11 @@ class RuntimeConfig(_Strict):
         True, description="Batch rows of similar token length together (mega-batches of 50 batches sorted by length, "
         "then the batches shuffled): far less padding. Deterministic under the seed, exact on resume.",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).",
-    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of trained "
+                                         "models (less memory, ~30% more compute).")
     compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
-    fused_optimizer: bool = Field(
-        True, description="AdamW's fused kernel (one pass over the parameters, CPU and CUDA) instead of the foreach "
-        "one: a small student's optimizer step on the CPU takes 8 ms instead of about 50 ms.",
-    )
+    fused_optimizer: bool = Field(True, description="AdamW's fused kernel (one pass over the parameters, CPU and CUDA) "
+                                  "instead of the foreach one: a small student's optimizer step on the CPU takes 8 ms, not ~50.")
 
 
 # RuntimeConfig keys that change where a run executes, not what it computes (beyond rounding): left out of
@@ -488,6 +486,7 @@ class FlexKDConfig(_Strict):
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")

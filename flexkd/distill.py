@@ -122,6 +122,8 @@ def stage_params(cfg: FlexKDConfig, student: str, method: str) -> dict[str, Any]
         params["terms"] = dict(dcfg.composed_methods[method])
     if cfg.data.is_generation:
         params["generation"] = cfg.generation.model_dump()
+    if cfg.augment.enabled:  # the students' extra rows (stage augment)
+        params["augment"] = cfg.augment.model_dump()
     return params
 
 
@@ -157,6 +159,7 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     method, else online), online, or cache (the cache if it serves the method). ``train``: the tokenised
     training split when the caller has it already. ``seed``: the student's init seed (default project.seed).
     """
+    from flexkd.augment import student_train_features
     from flexkd.cache import IndexedCollate, cached_distillation_loss
     from flexkd.data.prepare import split_fingerprint
     from flexkd.models import hidden_size, load_tokenizer
@@ -178,7 +181,7 @@ def build_distill(cfg: FlexKDConfig, paths, student: str, method: str, *, runtim
     index, units = _relevance_units(cfg, paths, scfg, teacher_hash=teacher_hash, data_fp=data_fp)
 
     collate = task.collate(tokenizer)
-    train = train if train is not None else task.features(paths.prepared, "train", tokenizer)
+    train = train if train is not None else student_train_features(cfg, paths, task, tokenizer)
     model, pruning = _build_student(task, teacher, student, scfg, units, train, collate, runtime,
                                     seed=cfg.project.seed if seed is None else seed)
 

@@ -9,6 +9,7 @@ point at, and would otherwise surface minutes later, after the teacher was fine-
 
 - the data directory or a configured data file is not there (``data.data_dir``, ``data.train_file``,
   ``data.test_file``);
+- ``augment.enabled`` on a generation task (augmentation varies classification texts only);
 - the teacher does not resolve, or asks to run custom code while ``teacher.trust_remote_code`` is off;
 - a trained student's hidden size k is larger than the teacher's d_T (Flex-KD selects k of the teacher's d_T
   units): ``students.<name>.hidden_size``;
@@ -41,6 +42,9 @@ def check(cfg: FlexKDConfig, *, data: bool = True, teacher: str | None = None) -
     ``teacher``: the model spec to check against (default ``teacher.model``; later stages pass the tuned teacher).
     """
     check_runtime(cfg)
+    if cfg.augment.enabled and cfg.data.is_generation:
+        raise ConfigError("augment.enabled: augmentation is for classification tasks (data.format: classification); "
+                          f"this task is {cfg.data.format}: set augment.enabled: false")
     notes: list[str] = []
     if data:
         notes += check_data(cfg.data)

@@ -38,6 +38,11 @@ class Paths:
         return self.root / self.runs_dir / "teacher" / self.task
 
     @property
+    def augmented(self) -> Path:
+        """The students' teacher-labelled extra training rows (stage augment; disabled: only a meta.json)."""
+        return self.root / "data" / "augmented" / self.task
+
+    @property
     def teacher_cache(self) -> Path:
         """The teacher-feature cache of the training split (stage teacher_cache; disabled: only a meta.json)."""
         return self.root / "data" / "teacher_cache" / self.task

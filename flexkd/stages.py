@@ -161,6 +161,7 @@ def teacher_cache(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None = No
     """Stage teacher_cache: run the tuned teacher once over the training split and store what distillation reads
     (``paths.teacher_cache``); with ``teacher_cache.enabled`` false, only a meta.json that says so."""
     from flexkd import resources
+    from flexkd.augment import student_train_features
     from flexkd.cache import CacheSpec, build_cache, cache_columns, write_disabled
     from flexkd.models import hidden_size, load_tokenizer
     from flexkd.relevance import RelevanceIndex
@@ -173,7 +174,7 @@ def teacher_cache(cfg: FlexKDConfig, paths: Paths, task, *, log: Log | None = No
         return {"enabled": False}
     tokenizer = load_tokenizer(str(paths.teacher))
     teacher = task.runtime.frozen(task.load_model(str(paths.teacher)))  # on the device, in the teacher dtype
-    train = task.features(paths.prepared, "train", tokenizer)
+    train = student_train_features(cfg, paths, task, tokenizer)  # the training split (+ augmented rows)
     index = RelevanceIndex.load(paths.relevance / "index.json")
     provenance = cache_provenance(paths, index, train)
     index.verify(teacher_weights_hash=provenance["teacher_weights_hash"], data_fingerprint=provenance["data_fingerprint"])

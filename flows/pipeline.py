@@ -1,8 +1,8 @@
 """The whole pipeline as one Prefect flow: a fresh MLflow pipeline run, then ``dvc repro``.
 
 DVC decides what is stale and runs each stale stage's flow (validate → prepare → finetune_teacher → relevance →
-distill@<method> → evaluate → register); every stage's MLflow run nests under this pipeline's run. This is
-what ``make run`` calls and what the Prefect deployments (``prefect.yaml``) run on work pools.
+augment → teacher_cache → distill@<student>-<method> → evaluate → register); every stage's MLflow run nests under
+this pipeline's run. This is what ``make run`` calls and what the Prefect deployments (``prefect.yaml``) run on work pools.
 
 Two parameters change ``params.yaml`` before anything runs, so that a deployment run can pick its set-up:
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flows.common import load_params, paths_for, project_root
 
-STAGES = ("validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "distill", "evaluate", "register")
+STAGES = ("validate", "prepare", "finetune_teacher", "relevance", "augment", "teacher_cache", "distill", "evaluate", "register")
 
 
 def dvc(*args: str) -> list[str]:

@@ -68,7 +68,9 @@ def test_every_stage_writes_its_outputs(project):
         assert f"| {method} |" in table or f"| **{method}** |" in table
     assert "| teacher |" in table and "MCC" in table and "parameters" in table
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert {"validate", "prepare", "finetune_teacher", "relevance", "teacher_cache", "evaluate", "register"} <= set(lock["stages"])
+    assert {"validate", "prepare", "finetune_teacher", "relevance", "augment", "teacher_cache", "evaluate",
+            "register"} <= set(lock["stages"])
+    assert json.loads((root / "data/augmented/sst2/meta.json").read_text()) == {"enabled": False}  # the default
     assert {f"distill@{s}-{m}" for s in STUDENTS for m in METHODS} <= set(lock["stages"])
 
 
@@ -195,18 +197,28 @@ def test_second_repro_reruns_nothing_and_the_gate_read_the_raw_rows_once(project
     assert "data/validated/sst2/raw" in {d["path"] for d in lock["stages"]["prepare"]["deps"]}
 
 
-def test_a_changed_param_reruns_only_what_depends_on_it(project):
-    root, _ = project
+def _dry_run(root: Path, group: str, key: str, value) -> str:
+    """What `dvc repro --dry` would run with params.yaml's ``group.key`` set to ``value`` (params.yaml restored)."""
     original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["distill"]["flexkd_loss"] = "barlow"
+    params[group][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        dry = run([sys.executable, "-m", "dvc", "repro", "--dry"], root)
+        return run([sys.executable, "-m", "dvc", "repro", "--dry"], root).stdout
     finally:
         (root / "params.yaml").write_text(original)
-    assert "Running stage 'distill@random-flexkd'" in dry.stdout and "Running stage 'distill@pruned-flexkd'" in dry.stdout
-    assert "Running stage 'finetune_teacher'" not in dry.stdout and "Running stage 'relevance'" not in dry.stdout
+
+
+def test_a_changed_param_reruns_only_what_depends_on_it(project):
+    root, _ = project
+    dry = _dry_run(root, "distill", "flexkd_loss", "barlow")
+    assert "Running stage 'distill@random-flexkd'" in dry and "Running stage 'distill@pruned-flexkd'" in dry
+    assert "Running stage 'finetune_teacher'" not in dry and "Running stage 'relevance'" not in dry
+    # augmentation (stage augment) feeds the students only: the teacher and the relevance index are kept
+    dry = _dry_run(root, "augment", "enabled", True)
+    assert "Running stage 'augment'" in dry and "Running stage 'teacher_cache'" in dry
+    assert "Running stage 'distill@random-kd'" in dry
+    assert "Running stage 'finetune_teacher'" not in dry and "Running stage 'relevance'" not in dry
 
 
 def test_readme_variant_with_dvc_exp_run(project):

@@ -31,7 +31,10 @@ def test_dvc_yaml_outputs_are_the_flows_paths():
     assert outs("prepare") == [rel(paths.prepared)]
     assert outs("finetune_teacher") == [rel(paths.teacher), rel(paths.teacher_metrics)]
     assert outs("relevance") == [rel(paths.relevance)]
+    assert outs("augment") == [rel(paths.augmented)]
     assert outs("teacher_cache") == [rel(paths.teacher_cache)]
+    assert rel(paths.augmented).replace("sst2", "${data.task}") in stages["teacher_cache"]["deps"]
+    assert rel(paths.augmented).replace("sst2", "${data.task}") in stages["distill"]["deps"]
     assert rel(paths.teacher_cache).replace("sst2", "${data.task}") in stages["distill"]["deps"]
     distill = stages["distill"]
     assert distill["matrix"] == {"student": "${distill.students}", "method": "${distill.methods}"}
