@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +49,15 @@ class AugmentConfig(BaseModel):
     max_texts: int | None = Field(None, gt=0, description="Augment at most this many texts, drawn with project.seed "
                                   "(null: every text of at least min_words words).")
     batch_size: int = Field(128, gt=0, description="Rows per teacher forward while labelling.")
+
+
+def check_task(cfg) -> None:
+    """Refuse ``augment.enabled`` on a generation task (preflight, before any compute; and the stage itself)."""
+    from flexkd.errors import ConfigError
+
+    if cfg.augment.enabled and cfg.data.is_generation:
+        raise ConfigError("augment.enabled: augmentation is for classification tasks (data.format: classification); "
+                          f"this task is {cfg.data.format}: set augment.enabled: false")
 
 
 def replaceable_words(texts, tokenizer, allowed: set[int] | None = None) -> dict[str, int]:
@@ -123,7 +133,7 @@ def label_with_teacher(rows: list[dict], teacher, tokenizer, task, batch_size: i
 def run_stage(cfg, paths, task, *, log=None) -> dict:
     """Stage augment: write the teacher-labelled copies (``paths.augmented``); disabled: only a meta.json."""
     from flexkd.data.prepare import load_split
-    from flexkd.errors import ConfigError
+    from flexkd.data.tokenize import tokenize_classification
     from flexkd.models import load_tokenizer
     from flexkd.project import write_json
     from flexkd.provenance import atomic_write_text, weights_hash
@@ -134,23 +144,19 @@ def run_stage(cfg, paths, task, *, log=None) -> dict:
         write_json(out_dir / META_FILE, {"enabled": False})
         print("augment.enabled is false: the students train on the training split alone")
         return {"enabled": False, "rows": 0}
-    if cfg.data.is_generation:
-        raise ConfigError("augment.enabled: augmentation is for classification tasks (data.format: classification); "
-                          f"this task is {cfg.data.format}: set augment.enabled: false")
+    check_task(cfg)
     records = load_split(paths.prepared / TRAIN_FILE)
     tokenizer = load_tokenizer(str(paths.teacher))
     teacher = task.runtime.frozen(task.load_model(str(paths.teacher)))
     texts = [r["text"] for r in records] + [r["text_pair"] for r in records if "text_pair" in r]
     # only tokens the tokenised training split holds (after truncation): what a vocabulary cut keeps
-    allowed = {t for f in task.features(paths.prepared, "train", tokenizer) for t in f["input_ids"]}
+    allowed = {t for f in tokenize_classification(records, tokenizer, cfg.teacher.max_length) for t in f["input_ids"]}
     words = replaceable_words(texts, tokenizer, allowed)
     table = neighbour_table(words, teacher.get_input_embeddings().weight, settings.neighbours)
     rows = label_with_teacher(augment_records(records, table, settings, cfg.project.seed), teacher, tokenizer, task,
                               settings.batch_size)
     atomic_write_text(out_dir / TRAIN_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    counts: dict[int, int] = {}
-    for r in rows:
-        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    counts = Counter(r["label"] for r in rows)
     meta = {"enabled": True, "settings": settings.model_dump(), "seed": cfg.project.seed, "rows": len(rows),
             "source_rows": len({r["source_row"] for r in rows}), "replaceable_words": len(table),
             "labels": {str(k): v for k, v in sorted(counts.items())}, "teacher_weights_hash": weights_hash(paths.teacher)}

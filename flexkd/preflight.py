@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from flexkd.augment import check_task
 from flexkd.config import DataConfig, FlexKDConfig, StudentConfig
 from flexkd.errors import ConfigError, DataError
 
@@ -42,9 +43,7 @@ def check(cfg: FlexKDConfig, *, data: bool = True, teacher: str | None = None) -
     ``teacher``: the model spec to check against (default ``teacher.model``; later stages pass the tuned teacher).
     """
     check_runtime(cfg)
-    if cfg.augment.enabled and cfg.data.is_generation:
-        raise ConfigError("augment.enabled: augmentation is for classification tasks (data.format: classification); "
-                          f"this task is {cfg.data.format}: set augment.enabled: false")
+    check_task(cfg)
     notes: list[str] = []
     if data:
         notes += check_data(cfg.data)
