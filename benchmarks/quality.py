@@ -189,13 +189,16 @@ def aggregate(records: list[dict]) -> dict:
 
 def budget(params: dict) -> dict:
     """The data and training budget of a run's params (said beside its table), with how validation was held out
-    where it is not random rows."""
+    where it is not random rows and the augmentation the students trained on, where enabled."""
     teacher, train = params["teacher"]["finetune"], params["distill"]["train"]
     taught = ({"teacher epochs": teacher.get("epochs"), "teacher patience": teacher.get("patience")}
               if teacher.get("enabled", True) else {"teacher": "not fine-tuned"})
     held_out = params["data"].get("validation_from", "rows")
+    augment = params.get("augment") or {}
     return {"data.max_train": params["data"].get("max_train"),
             **({"validation from": held_out.replace("_", " ")} if held_out != "rows" else {}),
+            **({"students augmented with": f"{augment.get('copies')} teacher-labelled copies of each training text "
+                f"of {augment.get('min_words')}+ words"} if augment.get("enabled") else {}),
             **taught, "student epochs": train.get("epochs"),
             **({"student max_steps": train["max_steps"]} if train.get("max_steps") else {})}
 
