@@ -438,8 +438,8 @@ def test_the_budget_says_when_the_students_trained_on_teacher_labelled_copies():
     records = [picked(RECORDS[0], "pruned/projector")]
     records[0]["params"]["augment"] = {"enabled": True, "copies": 4, "min_words": 10}
     text = render({**results_for(speed()), "quality": {"sst2-deploy": block_of(records)}})
-    assert ("Budget: data.max_train all, students augmented with 4 teacher-labelled copies of each training text of 10+ words, "
-            "teacher epochs 3, teacher patience 4, student epochs 1.") in text
+    assert ("Budget: data.max_train all, students augmented with 4 teacher-labelled copies of each training text "
+            "of 10+ words, teacher epochs 3, teacher patience 4, student epochs 1.") in text
     records[0]["params"]["augment"]["enabled"] = False
     assert "teacher-labelled" not in render({**results_for(speed()), "quality": {"sst2-deploy": block_of(records)}})
 
