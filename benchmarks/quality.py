@@ -203,6 +203,21 @@ def budget(params: dict) -> dict:
             **({"student max_steps": train["max_steps"]} if train.get("max_steps") else {})}
 
 
+def method_settings(params: dict) -> list[str]:
+    """Each trained student's per-method settings (``students.<s>.per_method``, e.g. the values
+    ``benchmarks.tune`` picked on validation), one phrase per student and method, for the line beside the table."""
+    short = {"lr": "lr", "alpha": "alpha", "temperature": "T", "feature_weight": "beta"}
+    phrases = []
+    for student in params["distill"].get("students") or []:
+        per_method = (params.get("students", {}).get(student) or {}).get("per_method") or {}
+        for method in params["distill"].get("methods") or []:
+            values = ", ".join(f"{short[key]} {per_method[method][key]:.3g}" for key in short
+                               if (per_method.get(method) or {}).get(key) is not None)
+            if values:
+                phrases.append(f"{student} {method} ({values})")
+    return phrases
+
+
 def merge(old: dict | None, new: dict) -> dict:
     """The quality section of an earlier results.json with this run's: a profile this run did not touch is kept as
     it was; a profile run again keeps the earlier seeds this run did not rerun (same params but the seed), so the

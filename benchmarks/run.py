@@ -193,7 +193,7 @@ def quality_table(title: str, scores: dict, deltas: dict, scale: float, digits: 
 
 
 def render(results: dict) -> str:
-    from benchmarks.quality import budget
+    from benchmarks.quality import budget, method_settings
 
     m = results["machine"]
     speed = results["speed"]
@@ -325,6 +325,10 @@ def render(results: dict) -> str:
         if spent:
             lines += ["", "Budget: " + ", ".join(f"{k} {v if v is not None else 'all' if k == 'data.max_train' else 'none'}"
                                                  for k, v in spent.items()) + "."]
+        tuned = method_settings(block["records"][0]["params"]) if block.get("records") else []
+        if tuned:
+            lines += ["", "Per-method settings (`students.<s>.per_method`, tuned on validation; the methods not named train at "
+                          "distill's): " + "; ".join(tuned) + "."]
         lines.append("")
         sanity = block.get("sanity")
         if sanity:

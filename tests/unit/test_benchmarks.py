@@ -539,3 +539,18 @@ def test_the_shared_stages_key_ignores_what_only_the_distill_stage_reads():
             node = node[key]
         node[last] = value
         assert shared_key(other) != shared_key(raw), dotted
+
+
+def test_the_table_reports_each_methods_tuned_settings_where_a_student_has_them():
+    records = [picked(RECORDS[0], "pruned/projector")]
+    records[0]["params"]["distill"].update(students=["pruned"], methods=["ft", "kd", "flexkd"])
+    records[0]["params"]["students"] = {"pruned": {"per_method": {
+        "kd": {"lr": 0.000255, "alpha": 0.77, "temperature": 1.16},
+        "flexkd": {"lr": 0.000255, "alpha": 0.77, "temperature": 1.16, "feature_weight": 0.0706},
+        "cka": {"lr": 0.1}}}}  # a method this run did not train is not named
+    text = render({**results_for(speed()), "quality": {"sst2-deploy": block_of(records)}})
+    assert ("Per-method settings (`students.<s>.per_method`, tuned on validation; the methods not named train at "
+            "distill's): pruned kd (lr 0.000255, alpha 0.77, T 1.16); pruned flexkd (lr 0.000255, alpha 0.77, T 1.16, "
+            "beta 0.0706).") in text
+    records[0]["params"]["students"]["pruned"]["per_method"] = {}
+    assert "Per-method settings" not in render({**results_for(speed()), "quality": {"sst2-deploy": block_of(records)}})
