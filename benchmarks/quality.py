@@ -92,6 +92,7 @@ def run_pipeline(workspace: Path, params: dict, source: Path | None = None) -> d
                 record.update(run_resources(workspace, params))
                 record_path.write_text(json.dumps(record, indent=1))
             return record
+    continued = (workspace / "dvc.lock").exists()  # an earlier run's workspace: dvc repro skips its cached stages
     started = start_from(workspace, source) if source is not None else None
     if started:
         print(f"{workspace.name}: started from a copy of {started}; dvc repro reruns what differs")
@@ -107,6 +108,7 @@ def run_pipeline(workspace: Path, params: dict, source: Path | None = None) -> d
     if completed.returncode != 0:
         raise RuntimeError(f"{workspace.name}: the pipeline failed (exit {completed.returncode}); see {log}")
     record = {"params": params, "wall_seconds": wall, **({"started_from": started} if started else {}),
+              **({"continued": True} if continued else {}),
               "evaluation": json.loads((workspace / "metrics" / "evaluation.json").read_text()),
               **run_resources(workspace, params)}
     record_path.write_text(json.dumps(record, indent=1))
@@ -308,7 +310,8 @@ def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-benc
             "task": records[0]["evaluation"]["task"],
             "quality": aggregate(records),
             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"],
-                      **({"started_from": r["started_from"]} if r.get("started_from") else {})} for r in records],
+                      **({"started_from": r["started_from"]} if r.get("started_from") else {}),
+                      **({"continued": True} if r.get("continued") else {})} for r in records],
             "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
             "budget": budget(records[0]["params"]),
             "sanity": ({**relevance_sanity(first, records[0]["params"]), "seed": seeds[0]}

@@ -257,12 +257,16 @@ def render(results: dict) -> str:
         "| run | wall (s) | compute (s) | other (s) | overhead |",
         "|---|---:|---:|---:|---:|",
     ]
-    overheads, others = [], []
+    overheads, others, partial = [], [], False
     for name, block in results["quality"].items():
         for run in block["runs"]:
-            overheads.append(run["overhead_ratio"])
-            others.append(run["other_seconds"])
-            started = f" (from {run['started_from']})" if run.get("started_from") else ""
+            whole = not (run.get("started_from") or run.get("continued"))
+            partial = partial or not whole
+            if whole:  # the mean is over runs of the whole pipeline; DVC skipped stages of the others
+                overheads.append(run["overhead_ratio"])
+                others.append(run["other_seconds"])
+            started = (f" (from {run['started_from']})" if run.get("started_from") else
+                       " (continued)" if run.get("continued") else "")
             lines.append(f"| {name} seed {run['seed']}{started} | {run['wall_seconds']:.0f} | {run['compute_seconds']:.0f} | "
                          f"{run['other_seconds']:.0f} | {run['overhead_ratio']:.1%} |")
     if overheads:
@@ -271,7 +275,10 @@ def render(results: dict) -> str:
                       f"(mean {sum(others) / len(others):.0f} s: one process per stage, each importing torch, transformers, "
                       "Prefect and MLflow and starting a flow run, plus model loading and MLflow model logging), while "
                       "compute grows with the data and epochs, and shrinks when nothing else runs on the machine: the ratio "
-                      f"falls under 10% once compute passes {9 * sum(others) / len(others) / 60:.0f} minutes."]
+                      f"falls under 10% once compute passes {9 * sum(others) / len(others) / 60:.0f} minutes."
+                      + (" The mean leaves out the runs that reused an earlier run's stages (from another profile's "
+                         "workspace, or continued in their own after a change of params): DVC skipped those stages."
+                         if partial else "")]
     split_rows = [(name, run) for name, block in results["quality"].items() for run in block["runs"] if run.get("split")]
     if split_rows:
         lines += ["", "Where the other seconds go, summed over the stage processes (runs that logged the split):", "",
@@ -283,7 +290,8 @@ def render(results: dict) -> str:
             split = run["split"]
             cells = [f"{split[key]:.0f} s ({split[key] / run['other_seconds']:.0%})"
                      for key in ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")]
-            lines.append(f"| {name} seed {run['seed']} | {split['stage_processes']} | " + " | ".join(cells) + " |")
+            label = " (continued)" if run.get("continued") else ""
+            lines.append(f"| {name} seed {run['seed']}{label} | {split['stage_processes']} | " + " | ".join(cells) + " |")
         per_process = [run["other_seconds"] / run["split"]["stage_processes"] for _, run in split_rows]
         lines += ["", f"About {sum(per_process) / len(per_process):.0f} s per stage process, spread over every part: no "
                       "single part is most of it. What would cut it is fewer processes (the ten distill stages are "

@@ -4,6 +4,8 @@ Expected values are worked out here from the inputs with the statistics module, 
 
 import json
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -554,3 +556,37 @@ def test_the_table_reports_each_methods_tuned_settings_where_a_student_has_them(
             "beta 0.0706).") in text
     records[0]["params"]["students"]["pruned"]["per_method"] = {}
     assert "Per-method settings" not in render({**results_for(speed()), "quality": {"sst2-deploy": block_of(records)}})
+
+
+def test_the_mean_overhead_leaves_out_runs_that_reused_an_earlier_runs_stages():
+    results = results_for(speed())
+    runs = results["quality"]["sst2"]["runs"]
+    whole = [run["overhead_ratio"] for run in runs[1:]]
+    runs[0] = {**runs[0], "continued": True, "overhead_ratio": 0.9}
+    text = render(results)
+    seed = runs[0]["seed"]
+    assert f"| sst2 seed {seed} (continued) |" in text and "| 90.0% |" in text
+    assert f"Mean overhead **{statistics.fmean(whole):.1%}**" in text
+    assert "The mean leaves out the runs that reused an earlier run's stages" in text
+    assert "The mean leaves out" not in render(results_for(speed()))
+
+
+def test_a_workspace_run_again_is_recorded_as_continued(tmp_path, monkeypatch):
+    from benchmarks import quality
+
+    workspace = tmp_path / "sst2-seed42"
+    workspace.mkdir()
+    (workspace / "dvc.lock").write_text("schema: '2.0'\n")
+
+    def pipeline(*args, cwd, **kwargs):
+        (Path(cwd) / "metrics").mkdir(exist_ok=True)
+        (Path(cwd) / "metrics" / "evaluation.json").write_text("{}")
+        return subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setattr(quality, "make_workspace", lambda directory, params: directory)
+    monkeypatch.setattr(quality.subprocess, "run", pipeline)
+    monkeypatch.setattr(quality, "run_resources", lambda workspace, params: {"stages": {}, "pipeline": {}})
+    assert quality.run_pipeline.fn(workspace, {"project": {"seed": 42}})["continued"] is True
+    fresh = tmp_path / "sst2-seed43"
+    fresh.mkdir()
+    assert "continued" not in quality.run_pipeline.fn(fresh, {"project": {"seed": 43}})
