@@ -213,8 +213,8 @@ def method_settings(params: dict) -> list[str]:
     for student in params["distill"].get("students") or []:
         per_method = (params.get("students", {}).get(student) or {}).get("per_method") or {}
         for method in params["distill"].get("methods") or []:
-            values = ", ".join(f"{short[key]} {per_method[method][key]:.3g}" for key in short
-                               if (per_method.get(method) or {}).get(key) is not None)
+            settings = per_method.get(method) or {}
+            values = ", ".join(f"{short[key]} {settings[key]:.3g}" for key in short if settings.get(key) is not None)
             if values:
                 phrases.append(f"{student} {method} ({values})")
     return phrases
@@ -310,8 +310,7 @@ def quality_flow(profiles: list[str] = ("sst2-bench", "cola-bench", "alpaca-benc
             "task": records[0]["evaluation"]["task"],
             "quality": aggregate(records),
             "runs": [{"seed": r["params"]["project"]["seed"], **overhead(r), "stages": r["stages"],
-                      **({"started_from": r["started_from"]} if r.get("started_from") else {}),
-                      **({"continued": True} if r.get("continued") else {})} for r in records],
+                      **{key: r[key] for key in ("started_from", "continued") if r.get(key)}} for r in records],
             "records": [{"params": r["params"], "evaluation": r["evaluation"]} for r in records],
             "budget": budget(records[0]["params"]),
             "sanity": ({**relevance_sanity(first, records[0]["params"]), "seed": seeds[0]}

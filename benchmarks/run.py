@@ -192,6 +192,13 @@ def quality_table(title: str, scores: dict, deltas: dict, scale: float, digits: 
     return lines + ["", f"Teacher: {_pm(scores['teacher'], scale, digits)}."]
 
 
+def _run_label(run: dict) -> str:
+    """How a run reused an earlier run's stages (DVC skipped them), for its row; empty for a whole pipeline run."""
+    if run.get("started_from"):
+        return f" (from {run['started_from']})"
+    return " (continued)" if run.get("continued") else ""
+
+
 def render(results: dict) -> str:
     from benchmarks.quality import budget, method_settings
 
@@ -257,18 +264,12 @@ def render(results: dict) -> str:
         "| run | wall (s) | compute (s) | other (s) | overhead |",
         "|---|---:|---:|---:|---:|",
     ]
-    overheads, others, partial = [], [], False
-    for name, block in results["quality"].items():
-        for run in block["runs"]:
-            whole = not (run.get("started_from") or run.get("continued"))
-            partial = partial or not whole
-            if whole:  # the mean is over runs of the whole pipeline; DVC skipped stages of the others
-                overheads.append(run["overhead_ratio"])
-                others.append(run["other_seconds"])
-            started = (f" (from {run['started_from']})" if run.get("started_from") else
-                       " (continued)" if run.get("continued") else "")
-            lines.append(f"| {name} seed {run['seed']}{started} | {run['wall_seconds']:.0f} | {run['compute_seconds']:.0f} | "
-                         f"{run['other_seconds']:.0f} | {run['overhead_ratio']:.1%} |")
+    runs = [(name, run) for name, block in results["quality"].items() for run in block["runs"]]
+    whole = [run for _, run in runs if not _run_label(run)]  # the mean is over runs of the whole pipeline
+    overheads, others = [run["overhead_ratio"] for run in whole], [run["other_seconds"] for run in whole]
+    for name, run in runs:
+        lines.append(f"| {name} seed {run['seed']}{_run_label(run)} | {run['wall_seconds']:.0f} | "
+                     f"{run['compute_seconds']:.0f} | {run['other_seconds']:.0f} | {run['overhead_ratio']:.1%} |")
     if overheads:
         mean = sum(overheads) / len(overheads)
         lines += ["", f"Mean overhead **{mean:.1%}**, {_goal(mean, 0.10, percent=True)}. The other seconds hardly depend on the run "
@@ -278,8 +279,8 @@ def render(results: dict) -> str:
                       f"falls under 10% once compute passes {9 * sum(others) / len(others) / 60:.0f} minutes."
                       + (" The mean leaves out the runs that reused an earlier run's stages (from another profile's "
                          "workspace, or continued in their own after a change of params): DVC skipped those stages."
-                         if partial else "")]
-    split_rows = [(name, run) for name, block in results["quality"].items() for run in block["runs"] if run.get("split")]
+                         if len(whole) < len(runs) else "")]
+    split_rows = [(name, run) for name, run in runs if run.get("split")]
     if split_rows:
         lines += ["", "Where the other seconds go, summed over the stage processes (runs that logged the split):", "",
                   "| run | stage processes | start-up: interpreter, imports, Prefect flow run | pre-flight | MLflow "
@@ -290,8 +291,8 @@ def render(results: dict) -> str:
             split = run["split"]
             cells = [f"{split[key]:.0f} s ({split[key] / run['other_seconds']:.0%})"
                      for key in ("startup", "preflight", "mlflow", "in_stage", "dvc", "pipeline")]
-            label = " (continued)" if run.get("continued") else ""
-            lines.append(f"| {name} seed {run['seed']}{label} | {split['stage_processes']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} seed {run['seed']}{_run_label(run)} | {split['stage_processes']} | "
+                         + " | ".join(cells) + " |")
         per_process = [run["other_seconds"] / run["split"]["stage_processes"] for _, run in split_rows]
         lines += ["", f"About {sum(per_process) / len(per_process):.0f} s per stage process, spread over every part: no "
                       "single part is most of it. What would cut it is fewer processes (the ten distill stages are "
